@@ -1,0 +1,212 @@
+"""DeepSeekMoE configuration, reading and writing the released `config.json` (`model_type: "deepseek"`) unchanged."""
+
+import os
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+
+# The class names that the released config.json and every other engine (vLLM, SGLang, llama.cpp) dispatch on.
+RELEASED_ARCHITECTURE_NAMES = {
+    "DeepseekMoEForCausalLM": "DeepseekForCausalLM",
+    "DeepseekMoEModel": "DeepseekModel",
+}
+SUPPORTED_ROPE_SCALING_TYPES = ("linear", "dynamic")
+
+
+@strict
+class DeepseekMoEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a DeepSeekMoE model. Every attribute carries the name it has in the released `config.json`;
+    `DeepseekMoEConfig()` with no arguments describes deepseek-moe-16b-base.
+
+    Args:
+        vocab_size: rows of the embedding and the LM head (102400 for the released model, whose tokenizer has
+            100015 tokens; the extra rows are padding).
+        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads:
+            transformer sizes; `intermediate_size` is the width of the dense MLP layers.
+        moe_intermediate_size: width of one routed expert (and of one shared expert).
+        n_routed_experts: routed experts per MoE layer; `None` makes every layer a dense MLP.
+        n_shared_experts: always-on experts per MoE layer, stored as one MLP of width
+            `n_shared_experts * moe_intermediate_size`; `0` or `None` means no shared experts.
+        num_experts_per_tok: experts chosen per token by the router (top-k).
+        first_k_dense_replace: the first k layers use a dense MLP.
+        moe_layer_freq: from layer `first_k_dense_replace` on, layer `i` is a MoE layer when `i % moe_layer_freq == 0`.
+        norm_topk_prob: renormalise the top-k routing weights to sum to 1 (off in the released model).
+        scoring_func: the router's scoring function; only `"softmax"` exists.
+        aux_loss_alpha: weight of the expert-balance loss added inside every MoE layer during training (0 disables it).
+        seq_aux: compute the balance loss per sequence (paper's sequence-level loss) rather than over the batch.
+        aux_loss_ignore_padding: leave padding tokens (attention_mask == 0) out of the balance-loss statistics; the
+            reference counts them, so this is off by default.
+        output_router_logits: return each MoE layer's router logits (and the aux loss value) from `forward`.
+        rope_theta, rope_scaling: RoPE base and optional `{"type": "linear"|"dynamic", "factor": f > 1}`.
+        pretraining_tp: kept for compatibility; the reference's tensor-parallel split computes the same product.
+    """
+
+    model_type = "deepseek"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 10944
+    moe_intermediate_size: int = 1408
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = 16
+    n_shared_experts: int | None = 2
+    n_routed_experts: int | None = 64
+    num_experts_per_tok: int | None = 6
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    norm_topk_prob: bool = False
+    scoring_func: str = "softmax"
+    aux_loss_alpha: float | int = 0.001
+    seq_aux: bool = True
+    aux_loss_ignore_padding: bool = False
+    output_router_logits: bool = False
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 100000
+    eos_token_id: int | list[int] | None = 100001
+    pretraining_tp: int = 1
+    tie_word_embeddings: bool = False
+    rope_theta: float | int = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if not self.n_shared_experts:
+            self.n_shared_experts = None
+        if isinstance(self.rope_scaling, dict) and "type" not in self.rope_scaling and "rope_type" in self.rope_scaling:
+            # transformers-style {"rope_type": ...} is accepted and written back in the released spelling.
+            scaling = dict(self.rope_scaling)
+            scaling["type"] = scaling.pop("rope_type")
+            self.rope_scaling = scaling
+        # transformers 5 would move these into `rope_parameters`; this config keeps the released keys.
+        kwargs.pop("rope_parameters", None)
+        super().__post_init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            self.n_routed_experts is not None
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def validate_architecture(self):
+        """Called by `@strict` at construction: every message names the attribute and how to fix it."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); choose a head count that divides hidden_size."
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads}); set num_key_value_heads to a divisor of num_attention_heads."
+            )
+        if self.scoring_func != "softmax":
+            raise ValueError(
+                f"scoring_func={self.scoring_func!r} is not supported: DeepSeekMoE routers use 'softmax'; "
+                "set scoring_func='softmax'."
+            )
+        if self.moe_layer_freq < 1:
+            raise ValueError(f"moe_layer_freq must be >= 1 (got {self.moe_layer_freq}); 1 makes every layer MoE.")
+        if self.first_k_dense_replace < 0:
+            raise ValueError(f"first_k_dense_replace must be >= 0 (got {self.first_k_dense_replace}).")
+        if self.n_routed_experts is not None:
+            if self.n_routed_experts < 1:
+                raise ValueError(
+                    f"n_routed_experts must be >= 1 (got {self.n_routed_experts}); use None for a dense model."
+                )
+            if self.num_experts_per_tok is None or self.num_experts_per_tok < 1:
+                raise ValueError(
+                    f"num_experts_per_tok must be >= 1 when n_routed_experts is set (got {self.num_experts_per_tok})."
+                )
+            if self.num_experts_per_tok > self.n_routed_experts:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) is larger than n_routed_experts "
+                    f"({self.n_routed_experts}): a token cannot pick more experts than exist; lower "
+                    "num_experts_per_tok or raise n_routed_experts."
+                )
+        if self.n_shared_experts is not None and self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be >= 0 (got {self.n_shared_experts}); 0 means none.")
+        if self.aux_loss_alpha < 0:
+            raise ValueError(f"aux_loss_alpha must be >= 0 (got {self.aux_loss_alpha}); 0 disables the aux loss.")
+        if self.rope_scaling is not None:
+            scaling_type = self.rope_scaling.get("type")
+            factor = self.rope_scaling.get("factor")
+            if scaling_type not in SUPPORTED_ROPE_SCALING_TYPES:
+                raise ValueError(
+                    f"rope_scaling type {scaling_type!r} is not supported; use one of {SUPPORTED_ROPE_SCALING_TYPES} "
+                    "(the reference implementation knows no other) or set rope_scaling to null."
+                )
+            if not isinstance(factor, (int, float)) or factor <= 1.0:
+                raise ValueError(f"rope_scaling factor must be a number > 1 (got {factor!r}).")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DeepseekMoEConfig":
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            hint = " (DeepSeek-V2/V3 use multi-head latent attention: load them with transformers' own classes)"
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a config of model_type {model_type!r}, not "
+                f"{cls.model_type!r}: it is not a DeepSeekMoE (v1) checkpoint"
+                f"{hint if str(model_type).startswith('deepseek') else ''}; load it with the class for its type."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        # Keep the released spelling that vLLM / llama.cpp read: `torch_dtype`, the released class names.
+        if "dtype" in output:
+            output["torch_dtype"] = output.pop("dtype")
+        if output.get("architectures"):
+            output["architectures"] = [RELEASED_ARCHITECTURE_NAMES.get(a, a) for a in output["architectures"]]
+        return output
+
+
+__all__ = ["DeepseekMoEConfig"]

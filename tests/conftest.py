@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+import modeling_deepseekmoe  # noqa: F401  (registers the model type)
+from modeling_deepseekmoe import DeepseekMoEConfig
+from modeling_deepseekmoe.checkpoint import write_random_released_checkpoint
+
+
+def tiny_config(**overrides) -> DeepseekMoEConfig:
+    """A 3-layer DeepSeekMoE with the released structure: layer 0 dense, then MoE layers with shared experts."""
+    values = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    values.update(overrides)
+    return DeepseekMoEConfig(**values)
+
+
+@pytest.fixture
+def config() -> DeepseekMoEConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def released_checkpoint(tmp_path, config):
+    """A tiny checkpoint written the way the released repos look (per-expert keys, several shards, auto_map)."""
+    return write_random_released_checkpoint(config, tmp_path / "released", dtype=torch.float32, max_shard_bytes=20_000)
