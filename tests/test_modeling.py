@@ -299,3 +299,20 @@ def test_cuda_default_experts_path_matches_cpu_reference():
     model.to("cuda")
     assert model.config._experts_implementation == "auto"
     torch.testing.assert_close(model(ids.cuda()).logits.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_gpu_default_path_traces_as_one_graph_without_host_syncs(training):
+    """`grouped_mm` (the CUDA default) must have no `.item()`/`.tolist()`/data-dependent Python on the token path:
+    dynamo's fullgraph tracing fails on any of them. Traced on CPU with the eager backend, training (aux loss
+    injection included) and inference."""
+    model = make_model(aux_loss_alpha=0.01, experts_implementation="grouped_mm").train(training)
+    ids = random_ids(2, 8)
+    expected = model(ids, labels=ids, use_cache=False, output_router_logits=True)  # installs the output hooks
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    out = compiled(ids, labels=ids, use_cache=False, output_router_logits=True)
+    torch.testing.assert_close(out.logits, expected.logits)
+    torch.testing.assert_close(out.aux_loss, expected.aux_loss)
+    if training:
+        out.loss.backward()
+        assert model.model.layers[1].mlp.experts.gate_up_proj.grad is not None
