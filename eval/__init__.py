@@ -1,0 +1,1 @@
+"""Evaluation of DeepSeekMoE models: the lm-evaluation-harness suite and expert-routing analysis."""
