@@ -432,6 +432,7 @@ class DeepseekMoESparseMoeBlock(nn.Module):
     def __init__(self, config: DeepseekMoEConfig):
         super().__init__()
         self.config = config
+        self.last_aux_loss: torch.Tensor | None = None
         self.gate = DeepseekMoEGate(config)
         self.experts = DeepseekMoEExperts(config)
         self.shared_experts = None
@@ -450,6 +451,8 @@ class DeepseekMoESparseMoeBlock(nn.Module):
                 aux_segments = aux_loss_segments(self.config, batch_size, seq_len, hidden_states.device)
             aux_loss = self.config.aux_loss_alpha * expert_balance_loss(scores, top_k_index, aux_segments)
             output = AddAuxiliaryLoss.apply(output, aux_loss)
+            # The injected value, for trainers to log (TRL's fused LM head never sees the model's `aux_loss` output).
+            self.last_aux_loss = aux_loss.detach()
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
         return output
@@ -539,6 +542,8 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, strict about the checkpoint: for a local directory the shards, tensor
         names and shapes are checked against the config first, and a tensor that would be left randomly initialised
         or ignored is an error (`CheckpointError` / `ValueError` naming it), never a silent random weight."""
+        from .quantization import finalize_quantized_experts, is_prequantized, quantized_experts_loading
+
         output_loading_info = kwargs.pop("output_loading_info", False)
         directory = pretrained_model_name_or_path
         if directory is not None and kwargs.get("subfolder"):
@@ -547,10 +552,15 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
             config = kwargs.get("config")
             if not isinstance(config, DeepseekMoEConfig):
                 config = DeepseekMoEConfig.from_pretrained(directory)
-            validate_checkpoint(directory, config)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+            # A quantized save stores bitsandbytes statistics next to each weight; the load report below checks it.
+            if not is_prequantized(config):
+                validate_checkpoint(directory, config)
+        # With a bitsandbytes config the routed experts are built quantized too (see quantization.py).
+        with quantized_experts_loading(pretrained_model_name_or_path, kwargs) as load_kwargs:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **load_kwargs
+            )
+        finalize_quantized_experts(model)
         missing = [key for key in loading_info["missing_keys"] if not key.startswith(cls._new_head_keys)]
         problems = {
             "missing (would be randomly initialised)": missing,

@@ -316,3 +316,11 @@ def test_gpu_default_path_traces_as_one_graph_without_host_syncs(training):
     if training:
         out.loss.backward()
         assert model.model.layers[1].mlp.experts.gate_up_proj.grad is not None
+
+
+def test_moe_layers_expose_the_injected_aux_value_for_trainers():
+    model = make_model(aux_loss_alpha=0.01).train()
+    ids = random_ids(2, 8)
+    out = model(ids, labels=ids, output_router_logits=True)
+    blocks = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, DeepseekMoESparseMoeBlock)]
+    assert sum(block.last_aux_loss for block in blocks).item() == pytest.approx(out.aux_loss.item(), rel=1e-6)
