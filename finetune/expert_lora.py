@@ -12,6 +12,7 @@ Per expert e: gate_up(x) = W_gu[e] x + s B_gu[e] A_gu[e] dropout(x), down(h) = W
 s = lora_alpha / r (or / sqrt(r) with rslora). DoRA and LoRA biases are not supported (they raise).
 """
 
+import functools
 import math
 from typing import Any
 
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
-from transformers.integrations.moe import _grouped_mm
+
+from .expert_compute import grouped_projection, linear, looped_projection, sorted_experts_forward
 
 
 class ExpertLoraPair(nn.Module):
@@ -171,80 +173,42 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
             if self.merged and self.disable_adapters:
                 self.unmerge()
             return base(hidden_states, top_k_index, top_k_weights)
+        project = functools.partial(self._project, adapters)
+        return sorted_experts_forward(hidden_states, top_k_index, top_k_weights, self.num_experts, base.act_fn, project)
 
-        num_tokens, top_k = top_k_index.shape
-        flat_experts = top_k_index.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
-        rows = hidden_states[order // top_k]
-        if rows.device.type == "cuda":
-            projections = self._grouped_projections(adapters, counts)
-        else:
-            projections = self._looped_projections(adapters, counts.tolist())
-        gate_up = projections("gate_up", rows)
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = projections("down", base.act_fn(gate) * up)
-        weighted = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
-        unsorted = torch.empty_like(weighted)
-        unsorted[order] = weighted
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    def _lora_delta(self, adapter: str, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.lora_dropout[adapter](rows.to(a.dtype)), a), b) * self.scaling[adapter]
 
-    def _looped_projections(self, adapters: list[str], counts: list[int]):
-        """CPU: one matmul per hit expert; LoRA factors unbound once so their gradients are not full-size per slice."""
-        bounds, start = [], 0
-        for expert, count in enumerate(counts):
-            if count:
-                bounds.append((expert, start, start + count))
-            start += count
-        lora = {}
-        for adapter in adapters:
-            slot = {int(e): i for i, e in enumerate(self.lora_expert_ids[adapter].tolist())}
-            lora[adapter] = (slot, self.lora_A[adapter], self.lora_B[adapter])
-
-        def project(which: str, rows: torch.Tensor) -> torch.Tensor:
-            unbound = {
-                adapter: (getattr(a, which).unbind(0), getattr(b, which).unbind(0))
-                for adapter, (_, a, b) in lora.items()
-            }
-            pieces = []
-            for expert, start, end in bounds:
-                x = rows[start:end]
-                weight = self._expert_weights(expert)[0 if which == "gate_up" else 1]
-                y = F.linear(x, weight.to(x.dtype))
-                for adapter, (slot, _, _) in lora.items():
-                    if expert in slot:
-                        a, b = unbound[adapter][0][slot[expert]], unbound[adapter][1][slot[expert]]
-                        delta = F.linear(F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a), b)
-                        y = y + (delta * self.scaling[adapter]).to(y.dtype)
-                pieces.append(y)
-            return torch.cat(pieces) if pieces else rows.new_zeros(0, self._out_features(which))
-
-        return project
-
-    def _grouped_projections(self, adapters: list[str], counts: torch.Tensor):
-        """GPU: grouped GEMMs over the sorted rows, no host synchronisation."""
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        base = self.get_base_layer()
-
-        def base_weight(which: str) -> torch.Tensor:
-            if hasattr(base, "dequantize_expert"):
-                return torch.stack([self._expert_weights(e)[0 if which == "gate_up" else 1]
-                                    for e in range(self.num_experts)])
-            return getattr(base, "gate_up_proj" if which == "gate_up" else "down_proj")
-
-        def project(which: str, rows: torch.Tensor) -> torch.Tensor:
-            y = _grouped_mm(rows, base_weight(which).to(rows.dtype).transpose(-2, -1), offsets)
+    def _project(self, adapters: list[str], which: str, rows: torch.Tensor, counts: torch.Tensor, grouped=None):
+        index = 0 if which == "gate_up" else 1
+        if grouped if grouped is not None else rows.device.type == "cuda":
+            if hasattr(self.get_base_layer(), "dequantize_expert"):
+                weights = torch.stack([self._expert_weights(e)[index] for e in range(self.num_experts)])
+            else:
+                weights = self._expert_weights(slice(None))[index]
+            out = grouped_projection(rows, weights, counts)
             for adapter in adapters:
-                a = self._full_factor(adapter, "lora_A", which)
-                b = self._full_factor(adapter, "lora_B", which)
-                hidden = _grouped_mm(self.lora_dropout[adapter](rows.to(a.dtype)), a.transpose(-2, -1), offsets)
-                y = y + (_grouped_mm(hidden, b.transpose(-2, -1), offsets) * self.scaling[adapter]).to(y.dtype)
-            return y
+                a, b = self._full_factor(adapter, "lora_A", which), self._full_factor(adapter, "lora_B", which)
+                hidden = grouped_projection(self.lora_dropout[adapter](rows), a, counts)
+                out = out + (grouped_projection(hidden, b, counts) * self.scaling[adapter]).to(out.dtype)
+            return out
+        # Unbind the LoRA factors once, so that the backward does not build a full-size gradient per expert slice.
+        factors = {}
+        for adapter in adapters:
+            slots = {int(e): i for i, e in enumerate(self.lora_expert_ids[adapter].tolist())}
+            a = getattr(self.lora_A[adapter], which).unbind(0)
+            b = getattr(self.lora_B[adapter], which).unbind(0)
+            factors[adapter] = (slots, a, b)
 
-        return project
+        def expert_output(expert: int, expert_rows: torch.Tensor) -> torch.Tensor:
+            out = linear(expert_rows, self._expert_weights(expert)[index])
+            for adapter, (slots, a, b) in factors.items():
+                if expert in slots:
+                    delta = self._lora_delta(adapter, expert_rows, a[slots[expert]], b[slots[expert]])
+                    out = out + delta.to(out.dtype)
+            return out
 
-    def _out_features(self, which: str) -> int:
-        return 2 * self.intermediate_dim if which == "gate_up" else self.hidden_dim
+        return looped_projection(rows, counts, expert_output)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

@@ -110,8 +110,8 @@ def test_grouped_gpu_projection_path_equals_the_cpu_loop():
     rows = torch.randn(int(counts.sum()), 32, requires_grad=True)
     for which in ("gate_up", "down"):
         inputs = rows if which == "gate_up" else rows.new_ones(1).expand(rows.shape[0], 16) * rows[:, :16]
-        looped = layer._looped_projections(["default"], counts.tolist())(which, inputs)
-        grouped = layer._grouped_projections(["default"], counts)(which, inputs)
+        looped = layer._project(["default"], which, inputs, counts, grouped=False)
+        grouped = layer._project(["default"], which, inputs, counts, grouped=True)
         torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=1e-5)
         (grad_looped,) = torch.autograd.grad(looped.sum(), layer.lora_A["default"].gate_up if which == "gate_up"
                                              else layer.lora_A["default"].down)

@@ -64,7 +64,8 @@ def validate_expert_config(expert_config: dict, config: DeepseekMoEConfig) -> di
     return selection
 
 
-def _is_non_expert(name: str) -> bool:
+def is_non_expert_parameter(name: str) -> bool:
+    """Attention, norms, dense-layer MLPs, embeddings and LM head: everything but experts and routers."""
     return ".mlp.experts." not in name and ".mlp.shared_experts." not in name and not name.endswith(".mlp.gate.weight")
 
 
@@ -75,17 +76,21 @@ def adapter_tensors(model, expert_config: dict) -> dict[str, torch.Tensor]:
     width = config.moe_intermediate_size
     tensors: dict[str, torch.Tensor] = {}
     for layer, experts in selection.items():
-        fused = model.model.layers[layer].mlp.experts
+        module = model.model.layers[layer].mlp.experts
         for expert in experts:
             prefix = f"model.layers.{layer}.mlp.experts.{expert}"
-            tensors[f"{prefix}.gate_proj.weight"] = fused.gate_up_proj[expert, :width]
-            tensors[f"{prefix}.up_proj.weight"] = fused.gate_up_proj[expert, width:]
-            tensors[f"{prefix}.down_proj.weight"] = fused.down_proj[expert]
+            if hasattr(module, "expert_weights"):  # an ESFT-wrapped layer
+                gate_up, down = module.expert_weights(expert)
+            else:
+                gate_up, down = module.gate_up_proj[expert], module.down_proj[expert]
+            tensors[f"{prefix}.gate_proj.weight"] = gate_up[:width]
+            tensors[f"{prefix}.up_proj.weight"] = gate_up[width:]
+            tensors[f"{prefix}.down_proj.weight"] = down
     state = model.state_dict()
     for name, tensor in state.items():
         shared = ".mlp.shared_experts." in name
         if (shared and expert_config.get("shared_experts")) or (
-            expert_config.get("non_expert_modules") and not shared and _is_non_expert(name)
+            expert_config.get("non_expert_modules") and not shared and is_non_expert_parameter(name)
         ):
             tensors[name] = tensor
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
