@@ -1,0 +1,1 @@
+"""Model card templates (package data of deepseekmoe.model_card)."""
