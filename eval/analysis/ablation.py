@@ -2,8 +2,8 @@
 experts are disabled, and without the shared experts.
 
 Disabled experts are masked after the router's softmax; every token takes the top-k of the remaining probabilities,
-not renormalised (`hooks.reroute`). For a ratio rho of the E routed experts, r = round(rho * E) experts are
-disabled (rho = 1/16 of 64 experts is 4), in one of four ways:
+not renormalised (`hooks.reroute`). For a ratio rho of the E routed experts, r = rho * E rounded half up experts
+are disabled (1/16 of 64 experts is 4), in one of four ways:
 
 - `top_per_token`: each token's r highest-probability experts (the paper's Figure 4);
 - `random_per_token`: r experts per token drawn at random, the baseline for the above;
@@ -18,51 +18,14 @@ the number of shared experts (`no_shared_more_routed`, the paper's compute-match
 import random
 from collections.abc import Sequence
 from contextlib import ExitStack
-from fractions import Fraction
 
 from torch import nn
 
 from .data import EncodedSample
 from .hooks import moe_blocks, routing_override, without_shared_experts
+from .options import ABLATION_MODES, DEFAULT_RATIOS, experts_for_ratio, parse_ratios  # noqa: F401  (re-exported)
 from .passes import LossResult, evaluate_loss
 from .statistics import RoutingStatistics
-
-
-ABLATION_MODES = ("top_per_token", "random_per_token", "most_loaded", "random_experts")
-DEFAULT_RATIOS = (1 / 16, 2 / 16, 3 / 16, 4 / 16)
-
-
-def parse_ratios(text: str) -> list[float]:
-    """'1/16,0.125, 3/16' -> [0.0625, 0.125, 0.1875]."""
-    ratios = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            ratios.append(float(Fraction(item)))
-        except (ValueError, ZeroDivisionError) as err:
-            raise ValueError(f"Ablation ratio {item!r} is not a number or fraction (e.g. 0.0625 or 1/16).") from err
-    if not ratios:
-        raise ValueError("No ablation ratio given; pass e.g. --ablation_ratios 1/16,2/16,3/16,4/16.")
-    return ratios
-
-
-def experts_for_ratio(ratio: float, num_experts: int, top_k: int) -> int:
-    """Number of routed experts disabled for `ratio`, checked to leave at least `top_k` experts per token."""
-    if not 0 < ratio < 1:
-        raise ValueError(f"Ablation ratio {ratio} must be between 0 and 1 (exclusive).")
-    count = round(ratio * num_experts)
-    if count < 1:
-        raise ValueError(
-            f"Ablation ratio {ratio} disables no expert of {num_experts}; use a ratio of at least {1 / num_experts:.4g}."
-        )
-    if num_experts - count < top_k:
-        raise ValueError(
-            f"Ablation ratio {ratio} disables {count} of {num_experts} routed experts, leaving fewer than the "
-            f"{top_k} each token uses; use a ratio of at most {(num_experts - top_k) / num_experts:.4g}."
-        )
-    return count
 
 
 def random_expert_sets(layers: Sequence[int], num_experts: int, count: int, seed: int) -> dict[int, list[int]]:
@@ -71,7 +34,10 @@ def random_expert_sets(layers: Sequence[int], num_experts: int, count: int, seed
     return {layer: sorted(rng.sample(range(num_experts), count)) for layer in layers}
 
 
-def _override(mode: str, count: int, statistics: RoutingStatistics | None, layers: list[int], num_experts: int, seed: int):
+def _override(
+    mode: str, count: int, statistics: RoutingStatistics | None, layers: list[int], num_experts: int, seed: int
+) -> dict:
+    """Arguments of `routing_override` for one ablation."""
     if mode == "top_per_token":
         return {"per_token_top_r": count}
     if mode == "random_per_token":
@@ -84,7 +50,8 @@ def _override(mode: str, count: int, statistics: RoutingStatistics | None, layer
 
 
 def _row(name: str, loss: LossResult, baseline: LossResult, **fields) -> dict:
-    return {"variant": name, **fields, "loss": loss.loss, "delta": loss.loss - baseline.loss, "tokens": loss.num_tokens}
+    delta = loss.loss - baseline.loss
+    return {"variant": name, **fields, "loss": loss.loss, "delta": delta, "tokens": loss.num_tokens}
 
 
 def run_ablations(
@@ -113,7 +80,9 @@ def run_ablations(
     if unknown:
         raise ValueError(f"Unknown ablation mode(s) {unknown}; choose from {list(ABLATION_MODES)}.")
     if "most_loaded" in modes and statistics is None:
-        raise ValueError("The 'most_loaded' ablation needs routing statistics; pass statistics=collect_routing_statistics(...)[0].")
+        raise ValueError(
+            "The 'most_loaded' ablation needs routing statistics; pass statistics=collect_routing_statistics(...)[0]."
+        )
 
     def loss(desc: str) -> LossResult:
         return evaluate_loss(model, samples, batch_size, pad_token_id, progress=progress, desc=desc)

@@ -39,7 +39,8 @@ def _jsonl_samples(path: Path, text_field: str, domain_field: str | None) -> Ite
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {line_number} is not valid JSON ({err.msg}); fix or remove it.") from err
+                message = f"{path} line {line_number} is not valid JSON ({err.msg}); fix or remove it."
+                raise ValueError(message) from err
             if not isinstance(row, dict) or text_field not in row:
                 fields = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise ValueError(

@@ -6,12 +6,15 @@ body raises. The model code is not modified: the routers (`DeepseekMoEGate`) ret
 forward hook on the gate that replaces that tuple changes which experts run.
 """
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from .options import check_moe_layer
 
 
 class GateOutput(NamedTuple):
@@ -25,28 +28,23 @@ class GateOutput(NamedTuple):
 GateCallback = Callable[[int, nn.Module, torch.Tensor, GateOutput], None]
 
 
+_MOE_BLOCK_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")
+
+
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
-    """The MoE blocks of a DeepSeekMoE model (causal LM or base model), keyed by decoder layer index."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no decoder layers; pass a DeepSeekMoE model.")
-    blocks = {
-        index: layer.mlp for index, layer in enumerate(layers) if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")
-    }
+    """The MoE blocks (`layers.{i}.mlp` with a router and experts) of a DeepSeekMoE model, keyed by decoder layer
+    index. Found by module name, so wrapped models (e.g. PEFT) work too."""
+    blocks = {}
+    for name, module in model.named_modules():
+        match = _MOE_BLOCK_NAME.search(name)
+        if match and hasattr(module, "gate") and hasattr(module, "experts"):
+            blocks[int(match.group(1))] = module
     if not blocks:
-        raise ValueError("The model has no MoE layer (n_routed_experts is None?); there is no routing to analyse.")
-    return blocks
-
-
-def check_moe_layer(layer: int, moe_layers: Sequence[int]) -> int:
-    """`layer` if it is one of `moe_layers`, else a ValueError naming the valid choices."""
-    if layer not in moe_layers:
         raise ValueError(
-            f"Layer {layer} is not a MoE layer of this model (it is dense or out of range); pass --layer (layer=) "
-            f"with one of the MoE layers {moe_layers[0]}..{moe_layers[-1]}: {list(moe_layers)}."
+            f"{type(model).__name__} has no MoE layer (no layers.N.mlp with a gate and experts); pass a DeepSeekMoE "
+            "model with routed experts."
         )
-    return layer
+    return dict(sorted(blocks.items()))
 
 
 def _select_blocks(model: nn.Module, layers: Sequence[int] | None) -> dict[int, nn.Module]:
@@ -67,7 +65,8 @@ def gate_hooks(model: nn.Module, callback: GateCallback, layers: Sequence[int] |
 
         return hook
 
-    handles = [block.gate.register_forward_hook(make_hook(i, block)) for i, block in _select_blocks(model, layers).items()]
+    blocks = _select_blocks(model, layers)
+    handles = [block.gate.register_forward_hook(make_hook(layer, block)) for layer, block in blocks.items()]
     try:
         yield
     finally:
@@ -143,9 +142,13 @@ def routing_override(
 
     def make_hook(layer: int, gate: nn.Module):
         num_experts, k = gate.weight.shape[0], top_k or gate.top_k
+        experts = disabled.get(layer, [])
+        if any(not 0 <= expert < num_experts for expert in experts):
+            raise ValueError(f"Layer {layer}: expert ids {experts} must lie in 0..{num_experts - 1}.")
         fixed = torch.zeros(num_experts, dtype=torch.bool)
-        fixed[disabled.get(layer, [])] = True
-        _check_enough_experts(num_experts, int(fixed.sum()) + per_token_top_r + per_token_random_r, k, f"layer {layer}")
+        fixed[experts] = True
+        num_disabled = int(fixed.sum()) + per_token_top_r + per_token_random_r
+        _check_enough_experts(num_experts, num_disabled, k, f"layer {layer}")
 
         def hook(module, args, output):
             output = GateOutput(*output)
@@ -158,7 +161,8 @@ def routing_override(
 
         return hook
 
-    handles = [block.gate.register_forward_hook(make_hook(layer, block.gate)) for layer, block in blocks.items()]
+    hooks = {layer: make_hook(layer, block.gate) for layer, block in blocks.items()}  # validates before registering
+    handles = [blocks[layer].gate.register_forward_hook(hook) for layer, hook in hooks.items()]
     try:
         yield
     finally:

@@ -65,6 +65,8 @@ class OutputNormCollector:
         if budget <= 0:
             return
         rows = batch.token_mask.nonzero().squeeze(-1)[:budget]
+        if rows.numel() == 0:
+            return
         self.top_k[layer] = output.top_k_index.shape[-1]
         self.scores.setdefault(layer, []).append(output.scores[rows].float().cpu())
         self.norms.setdefault(layer, []).append(expert_output_norms(block.experts, hidden_states[rows]))
@@ -79,8 +81,8 @@ class OutputNormCollector:
         scores, norms = self.layer_data(layer)
         score_rank, norm_rank = _ranks(scores), _ranks(norms)
         num_experts, k = scores.shape[-1], self.top_k[layer]
-        rank_counts = torch.zeros(num_experts * num_experts, dtype=torch.long)
-        rank_counts.index_add_(0, (score_rank * num_experts + norm_rank).reshape(-1), torch.ones(scores.numel(), dtype=torch.long))
+        pairs = (score_rank * num_experts + norm_rank).reshape(-1)
+        rank_counts = torch.bincount(pairs, minlength=num_experts * num_experts)
         top_score, top_norm = score_rank < k, norm_rank < k
         return {
             "tokens": scores.shape[0],

@@ -24,47 +24,69 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .hooks import check_moe_layer, moe_blocks
+from .hooks import moe_blocks
+from .options import check_moe_layer
 
 
 PROJECTIONS = ("gate", "up", "down")
 
 
 class UnsupportedWeightsError(ValueError):
-    """The weights are not plain floating-point tensors (e.g. quantized) and cannot be compared."""
+    """The weights cannot be read as dense values (offloaded to the meta device, or an unknown quantization)."""
+
+
+def _dequantizer():
+    """`modeling_deepseekmoe.quantization.dequantize_weight` (bitsandbytes 4-bit / 8-bit weights), if available."""
+    try:
+        from modeling_deepseekmoe.quantization import dequantize_weight
+    except ImportError:
+        return None
+    return dequantize_weight
 
 
 def _dense(weight: torch.Tensor, name: str) -> torch.Tensor:
-    if weight.is_floating_point():
-        if weight.is_meta:
-            raise UnsupportedWeightsError(f"{name} is on the meta device (offloaded); static analyses need its values.")
-        return weight.detach()
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
-        import bitsandbytes.functional as bnb_functional
+    """The dense value of a (possibly bitsandbytes-quantized) weight."""
+    if weight.is_meta:
+        raise UnsupportedWeightsError(f"{name} is on the meta device (offloaded); the weight analyses need it.")
+    dequantize = _dequantizer()
+    if dequantize is not None:
+        try:
+            weight = dequantize(weight)
+        except Exception as err:  # whatever went wrong, these weights cannot be compared
+            raise UnsupportedWeightsError(f"Could not dequantize {name} ({err}); load the model in bf16.") from err
+    if not weight.is_floating_point():
+        raise UnsupportedWeightsError(
+            f"{name} is stored as {weight.dtype}, not as floating-point values; the weight analyses need a bf16/fp32 "
+            "model or a bitsandbytes one."
+        )
+    return weight.detach()
 
-        return bnb_functional.dequantize_4bit(weight.data, quant_state)
-    raise UnsupportedWeightsError(
-        f"{name} is stored as {weight.dtype}, not a floating-point tensor; static weight analyses need a bf16/fp32 "
-        "checkpoint (load without --load_in_4bit)."
-    )
 
-
-def _projection_weights(block: nn.Module, projection: str) -> torch.Tensor:
-    """One projection of every routed expert, in the layout of the per-expert `nn.Linear` weights: gate/up
-    `[E, I, H]`, down `[E, H, I]` (a view of the fused tensors where possible)."""
-    if projection == "down":
-        weight = _dense(block.experts.down_proj, "experts.down_proj")
-    else:
-        gate_up = _dense(block.experts.gate_up_proj, "experts.gate_up_proj")
-        weight = gate_up.chunk(2, dim=1)[0 if projection == "gate" else 1]
-    if weight.dim() != 3:
+def fused_expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(gate_up_proj [E, 2I, H], down_proj [E, H, I])` of a routed-experts module, dequantized for the bitsandbytes
+    experts of `modeling_deepseekmoe.quantization` (they provide `dequantize()`)."""
+    if hasattr(experts, "dequantize"):
+        try:
+            return experts.dequantize()
+        except Exception as err:
+            raise UnsupportedWeightsError(f"Could not dequantize the routed experts ({err}).") from err
+    gate_up = _dense(experts.gate_up_proj, "experts.gate_up_proj")
+    down = _dense(experts.down_proj, "experts.down_proj")
+    if gate_up.dim() != 3 or down.dim() != 3:
         raise UnsupportedWeightsError("The fused expert weights do not have the [E, 2I, H] / [E, H, I] layout.")
-    return weight
+    return gate_up, down
+
+
+def _projection(gate_up: torch.Tensor, down: torch.Tensor, projection: str) -> torch.Tensor:
+    """One projection of every routed expert, laid out like the per-expert `nn.Linear` weights: gate/up `[E, I, H]`,
+    down `[E, H, I]` (views of the fused tensors)."""
+    if projection == "down":
+        return down
+    return gate_up.chunk(2, dim=1)[0 if projection == "gate" else 1]
 
 
 def _shared_projection_slices(block: nn.Module, projection: str, width: int) -> torch.Tensor | None:
-    """The shared MLP's projection cut into slices of `width` neurons, laid out like `_projection_weights`."""
+    """The shared MLP's projection cut into slices of `width` neurons, laid out like `_projection`."""
     if block.shared_experts is None:
         return None
     weight = _dense(getattr(block.shared_experts, f"{projection}_proj").weight, f"shared_experts.{projection}_proj")
@@ -84,18 +106,19 @@ def _neuron_average(weight: torch.Tensor, projection: str) -> torch.Tensor:
 
 
 class ExpertWeightSummary:
-    """Gram matrices and neuron averages of one MoE block's experts, computed one projection at a time (so only one
-    float32 copy of one projection is alive, a few hundred MB per layer at the 16B size). Rows are the routed
-    experts, then the shared slices S0, S1, ..."""
+    """Gram matrices and neuron averages of one MoE block's experts, computed one projection at a time (besides the
+    layer's weights, one float32 copy of one projection is alive: ~0.75 GB per layer at the 16B size). Rows are the
+    routed experts, then the shared slices S0, S1, ..."""
 
     def __init__(self, block: nn.Module):
         self.num_routed = block.gate.weight.shape[0]
         self.grams: dict[str, torch.Tensor] = {}
         self.neuron_means: dict[str, torch.Tensor] = {}
-        width = block.experts.down_proj.shape[-1]
         num_shared = 0
+        gate_up, down = fused_expert_weights(block.experts)
+        width = down.shape[-1]  # moe_intermediate_size
         for projection in PROJECTIONS:
-            routed = _projection_weights(block, projection)
+            routed = _projection(gate_up, down, projection)
             shared = _shared_projection_slices(block, projection, width)
             rows = routed.flatten(1)
             if shared is not None:
@@ -173,7 +196,8 @@ def router_alignment(summary: ExpertWeightSummary) -> dict:
         for projection in PROJECTIONS
     }
     num_experts = summary.num_routed
-    router_vs_gate = cosine_matrix(torch.cat([summary.router, summary.neuron_means["gate"]]))[:num_experts, num_experts:]
+    joint = cosine_matrix(torch.cat([summary.router, summary.neuron_means["gate"]]))
+    router_vs_gate = joint[:num_experts, num_experts:]
     matched = router_vs_gate.diagonal()
     mismatched = router_vs_gate[~torch.eye(num_experts, dtype=torch.bool)]
     result.update(

@@ -52,7 +52,8 @@ class TopTokenCounter:
         keys = (expert_ids.reshape(-1).long() * self.vocab_size + token_ids.reshape(-1).long()).cpu()
         batch_keys, batch_counts = torch.unique(keys, return_counts=True)
         keys, inverse = torch.unique(torch.cat([self.keys, batch_keys]), return_inverse=True)
-        counts = torch.zeros(keys.shape[0], dtype=torch.long).index_add_(0, inverse, torch.cat([self.counts, batch_counts]))
+        counts = torch.zeros(keys.shape[0], dtype=torch.long)
+        counts.index_add_(0, inverse, torch.cat([self.counts, batch_counts]))
         self._shrink(keys, counts)
 
     def _shrink(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
@@ -301,7 +302,7 @@ class TokenRouting:
             "tokens": self.tokens,
             "input_ids": self.input_ids,
             "experts": {str(layer): ids.tolist() for layer, ids in self.experts.items()},
-            "weights": {str(layer): [[round(w, 6) for w in row] for row in ws.tolist()] for layer, ws in self.weights.items()},
+            "weights": {str(layer): weights.tolist() for layer, weights in self.weights.items()},
         }
 
 
