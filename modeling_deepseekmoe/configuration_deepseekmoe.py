@@ -121,6 +121,15 @@ class DeepseekMoEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     @property
+    def torch_dtype(self):
+        """The released config.json's name for `dtype` (kept on save, so it is read back without a warning)."""
+        return self.dtype
+
+    @torch_dtype.setter
+    def torch_dtype(self, value):
+        self.dtype = value
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
