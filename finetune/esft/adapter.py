@@ -69,6 +69,22 @@ def is_non_expert_parameter(name: str) -> bool:
     return ".mlp.experts." not in name and ".mlp.shared_experts." not in name and not name.endswith(".mlp.gate.weight")
 
 
+def _expert_views(model, layer: int, expert: int, width: int) -> dict[str, torch.Tensor]:
+    """Views of one expert's three projections under their released names, in a plain fused layer or an
+    ESFT-wrapped one (whose trained experts live in their own parameters)."""
+    module = model.model.layers[layer].mlp.experts
+    if hasattr(module, "expert_weights"):
+        gate_up, down = module.expert_weights(expert)
+    else:
+        gate_up, down = module.gate_up_proj[expert], module.down_proj[expert]
+    prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+    return {
+        f"{prefix}.gate_proj.weight": gate_up[:width],
+        f"{prefix}.up_proj.weight": gate_up[width:],
+        f"{prefix}.down_proj.weight": down,
+    }
+
+
 def adapter_tensors(model, expert_config: dict) -> dict[str, torch.Tensor]:
     """The adapter's tensors, read from `model`, under their released checkpoint names."""
     config = model.config
@@ -76,16 +92,8 @@ def adapter_tensors(model, expert_config: dict) -> dict[str, torch.Tensor]:
     width = config.moe_intermediate_size
     tensors: dict[str, torch.Tensor] = {}
     for layer, experts in selection.items():
-        module = model.model.layers[layer].mlp.experts
         for expert in experts:
-            prefix = f"model.layers.{layer}.mlp.experts.{expert}"
-            if hasattr(module, "expert_weights"):  # an ESFT-wrapped layer
-                gate_up, down = module.expert_weights(expert)
-            else:
-                gate_up, down = module.gate_up_proj[expert], module.down_proj[expert]
-            tensors[f"{prefix}.gate_proj.weight"] = gate_up[:width]
-            tensors[f"{prefix}.up_proj.weight"] = gate_up[width:]
-            tensors[f"{prefix}.down_proj.weight"] = down
+            tensors.update(_expert_views(model, layer, expert, width))
     state = model.state_dict()
     for name, tensor in state.items():
         shared = ".mlp.shared_experts." in name
@@ -169,13 +177,7 @@ def apply_esft_adapter(model, adapter_dir: str | os.PathLike):
                 )
             parts = name.split(".")
             if ".mlp.experts." in name:
-                layer, expert, projection = int(parts[2]), int(parts[5]), parts[6]
-                fused = model.model.layers[layer].mlp.experts
-                target = {
-                    "gate_proj": fused.gate_up_proj[expert, :width],
-                    "up_proj": fused.gate_up_proj[expert, width:],
-                    "down_proj": fused.down_proj[expert],
-                }[projection]
+                target = _expert_views(model, int(parts[2]), int(parts[5]), width)[name]
             else:
                 target = state[name]
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))

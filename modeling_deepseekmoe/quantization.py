@@ -1,0 +1,559 @@
+"""bitsandbytes 4-bit / 8-bit DeepSeekMoE in which the routed experts really are quantized.
+
+transformers' bitsandbytes quantizer only replaces `nn.Linear` modules, so the fused routed experts
+(`DeepseekMoEExperts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`, ~90% of the weights) would stay in bf16.
+With a `BitsAndBytesConfig`, `DeepseekMoEPreTrainedModel.from_pretrained` therefore:
+
+1. builds `DeepseekMoEQuantizedExperts` in place of every `DeepseekMoEExperts` (while the model is built on the meta
+   device), one `nn.Linear` per expert projection, so transformers' quantizer turns them into bnb `Linear4bit` /
+   `Linear8bitLt` and quantizes each released per-expert tensor as it arrives (peak memory: one expert matrix);
+2. after loading, keeps the bnb weights but drops the `nn.Linear` interface (`DeepseekMoEExpertWeight`), so PEFT's
+   `all-linear` / `target_modules` never wrap a routed expert whose forward is not called.
+
+Inside the model these per-expert modules are named `mlp.experts.{j}.{gate,up,down}` (not `*_proj`, which the
+checkpoint conversion would fuse); `from_pretrained` maps the released names onto them and `save_pretrained` maps
+them back, so a quantized model saves as the released per-expert layout plus bitsandbytes' statistics, and reloads.
+
+The experts' forward dequantizes the weights it needs (on CPU only the experts hit, on GPUs all of them, without a
+host sync) into the fused layout and runs the configured experts implementation on them: it equals the forward of
+the model with dequantized weights (`dequantize_model`). Under autograd the dequantized weights are recomputed in
+the backward rather than kept. The router (`mlp.gate`, a bare parameter), norms, embeddings and lm_head are never
+converted; attention, shared experts and dense MLPs are bnb `Linear4bit` / `Linear8bitLt` as usual.
+"""
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BitsAndBytesConfig
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
+from transformers.utils import is_bitsandbytes_available
+
+from .configuration_deepseekmoe import DeepseekMoEConfig
+from .modeling_deepseekmoe import DeepseekMoEExperts, DeepseekMoEGate, DeepseekMoESparseMoeBlock
+
+
+if is_bitsandbytes_available():
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant
+
+
+# Released per-expert names -> the names inside the quantized model (see the module docstring). One capture group per
+# pattern and escaped dots on both sides, so that transformers' reversed renaming (on save) matches exactly.
+EXPERT_KEY_MAPPING = {
+    rf"mlp\.experts\.(\d+)\.{projection}_proj\.": rf"mlp\.experts\.\1\.{projection}\."
+    for projection in ("gate", "up", "down")
+}
+EXPERT_PROJECTIONS = ("gate", "up", "down")
+# Experts implementations that only read the weights of the experts a token was routed to.
+HIT_ONLY_IMPLEMENTATIONS = ("auto", "sorted_loop", "eager")
+_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration checks
+
+
+def require_bitsandbytes(purpose: str = "4-bit / 8-bit loading") -> None:
+    if not is_bitsandbytes_available():
+        raise ImportError(
+            f"DeepSeekMoE {purpose} needs bitsandbytes, which is not installed: "
+            "`pip install 'bitsandbytes>=0.50'` (or `pip install -e '.[quant]'` in this repository)."
+        )
+
+
+def resolve_bnb_config(quantization_config) -> BitsAndBytesConfig | None:
+    """The `BitsAndBytesConfig` a `quantization_config` argument (object or dict) stands for; `None` for none.
+
+    Other quantization methods are refused: transformers would quantize only the `nn.Linear` modules and leave the
+    routed experts, 90% of the weights, in full precision."""
+    if quantization_config is None:
+        return None
+    if isinstance(quantization_config, dict):
+        method = quantization_config.get("quant_method")
+        if method != "bitsandbytes":
+            _raise_unsupported_method(method)
+        quantization_config = BitsAndBytesConfig.from_dict(dict(quantization_config))
+    if not isinstance(quantization_config, BitsAndBytesConfig):
+        method = getattr(quantization_config, "quant_method", type(quantization_config).__name__)
+        _raise_unsupported_method(getattr(method, "value", method))
+    if not (quantization_config.load_in_4bit or quantization_config.load_in_8bit):
+        raise ValueError(
+            "The BitsAndBytesConfig sets neither load_in_4bit nor load_in_8bit; pass BitsAndBytesConfig("
+            "load_in_4bit=True, bnb_4bit_quant_type='nf4') or BitsAndBytesConfig(load_in_8bit=True)."
+        )
+    return quantization_config
+
+
+def _raise_unsupported_method(method) -> None:
+    raise ValueError(
+        f"quantization method {method!r} is not supported for DeepSeekMoE: it would quantize only the nn.Linear "
+        "modules and leave the fused routed experts (90% of the weights) in full precision. Use bitsandbytes: "
+        "quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') or "
+        "BitsAndBytesConfig(load_in_8bit=True)."
+    )
+
+
+def _reject_shortcut_flags(kwargs: dict) -> None:
+    for flag in ("load_in_4bit", "load_in_8bit"):
+        if kwargs.get(flag):
+            raise TypeError(
+                f"from_pretrained(..., {flag}=True) is not accepted by transformers 5; pass "
+                f"quantization_config=BitsAndBytesConfig({flag}=True) instead."
+            )
+
+
+def requested_bnb_config(pretrained_model_name_or_path, kwargs: dict) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config a `from_pretrained` call loads with: passed in, or saved with a quantized checkpoint."""
+    _reject_shortcut_flags(kwargs)
+    saved = _saved_quantization_config(pretrained_model_name_or_path, kwargs)
+    if saved is not None:
+        return resolve_bnb_config(saved)
+    return resolve_bnb_config(kwargs.get("quantization_config"))
+
+
+def _saved_quantization_config(pretrained_model_name_or_path, kwargs: dict):
+    config = kwargs.get("config")
+    if isinstance(config, PreTrainedConfig):
+        return getattr(config, "quantization_config", None)
+    if pretrained_model_name_or_path is None or kwargs.get("gguf_file") is not None:
+        return None
+    download_kwargs = {key: kwargs[key] for key in _DOWNLOAD_KWARGS if key in kwargs}
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **download_kwargs)
+    except (OSError, ValueError):
+        return None  # e.g. an adapter directory: transformers resolves it (and reports errors) itself
+    return config_dict.get("quantization_config")
+
+
+def is_prequantized(config: PreTrainedConfig) -> bool:
+    """Whether a config describes a checkpoint saved quantized (bnb statistics stored next to each weight)."""
+    return getattr(config, "quantization_config", None) is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quantized weights
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    return is_bitsandbytes_available() and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def is_quantized_weight(weight: torch.Tensor) -> bool:
+    if not is_bitsandbytes_available():
+        return False
+    if isinstance(weight, bnb.nn.Params4bit):
+        return weight.bnb_quantized
+    return isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8
+
+
+def dequantize_weight(
+    weight: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    int8_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dense [out, in] value of a bnb 4-bit (`Params4bit`) or 8-bit (`Int8Params`) weight; other tensors as they
+    are. `int8_scale` is the row scale of an 8-bit weight whose `SCB` moved to its layer's state. With `out`, the
+    value is written there (on GPUs, 4-bit weights are dequantized straight into it when the dtypes agree)."""
+    dtype = out.dtype if out is not None else dtype
+    if not is_quantized_weight(weight):
+        dense = weight.detach()
+    elif isinstance(weight, bnb.nn.Params4bit):
+        data, quant_state = weight.data, weight.quant_state
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # Linear4bit's CPU inference repacks its weight (AVX512-BF16 machines); undo it to read the values.
+            data, quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(quant_state))
+        if out is not None and out.dtype == quant_state.dtype and out.device.type != "cpu":
+            return dequantize_4bit(data, quant_state, out=out)  # bitsandbytes has no CPU kernel for `out=`
+        dense = dequantize_4bit(data, quant_state)
+    else:
+        scale = weight.SCB if weight.SCB is not None else int8_scale
+        if scale is None:
+            raise ValueError("This 8-bit weight has lost its row scales (SCB); reload the model.")
+        dense = int8_vectorwise_dequant(weight.data, scale)
+    if out is not None:
+        return out.copy_(dense)
+    return dense if dtype is None else dense.to(dtype)
+
+
+class DeepseekMoEExpertWeight(nn.Module):
+    """One projection of one routed expert, `[out, in]`: the bnb weight (`Params4bit` or `Int8Params`) of the
+    `Linear4bit` / `Linear8bitLt` it was loaded as, without the `nn.Linear` interface (its forward is never called:
+    `DeepseekMoEQuantizedExperts` dequantizes it), and with the same state dict, so quantized checkpoints round-trip.
+    A weight left unquantized (e.g. `llm_int8_skip_modules`) is kept as it is."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        state = getattr(linear, "state", None)
+        if isinstance(self.weight, bnb.nn.Int8Params) and self.weight.SCB is None and state is not None:
+            self.weight.SCB = state.SCB  # Linear8bitLt moves the scales to its state on its first forward
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_weight(self.weight, dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The keys bnb's Linear4bit / Linear8bitLt write, which transformers' bnb loading reads back.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        weight = self.weight
+        if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
+            for key, value in weight.quant_state.as_dict(packed=True).items():
+                destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+        elif isinstance(weight, bnb.nn.Int8Params) and weight.SCB is not None:
+            destination[f"{prefix}SCB"] = weight.SCB if keep_vars else weight.SCB.detach()
+            destination[f"{prefix}weight_format"] = torch.tensor(0, dtype=torch.uint8)
+
+    def extra_repr(self) -> str:
+        kind = type(self.weight).__name__ if is_quantized_weight(self.weight) else str(self.weight.dtype)
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+class DeepseekMoEExpertProjections(nn.Module):
+    """gate / up / down of one routed expert: `nn.Linear` while loading, `DeepseekMoEExpertWeight` afterwards."""
+
+    def __init__(self, config: DeepseekMoEConfig):
+        super().__init__()
+        hidden, width = config.hidden_size, config.moe_intermediate_size
+        self.gate = nn.Linear(hidden, width, bias=False)
+        self.up = nn.Linear(hidden, width, bias=False)
+        self.down = nn.Linear(width, hidden, bias=False)
+
+
+class DeepseekMoEQuantizedExperts(nn.Module):
+    """The routed experts of one MoE layer with bitsandbytes 4-bit / 8-bit weights, one `DeepseekMoEExpertProjections`
+    per expert (submodules `"0"`, `"1"`, ...; `expert(j).gate/up/down`). Same call signature and output as
+    `DeepseekMoEExperts`.
+
+    The forward dequantizes into the fused layout (`gate_up_proj [E, 2I, H]`, gate rows first, `down_proj [E, H, I]`)
+    and runs the model's experts implementation (`config._experts_implementation`) on it: on CPU only the experts hit
+    are dequantized (a host sync, allowed there); elsewhere all of them, without a host sync (`grouped_mm` on CUDA).
+    """
+
+    def __init__(self, config: DeepseekMoEConfig):
+        super().__init__()
+        for index in range(config.n_routed_experts):
+            self.add_module(str(index), DeepseekMoEExpertProjections(config))
+        self.config = config
+        self.num_experts = config.n_routed_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.compute_dtype: torch.dtype | None = None
+        # What transformers' experts implementations read from an experts module (`@use_experts_implementation`).
+        self.has_gate, self.has_bias, self.is_transposed, self.is_concatenated = True, False, False, True
+        self.has_post_expert_norm, self._is_expert_parallel = False, False
+
+    _apply_gate = _default_apply_gate
+
+    def expert(self, index: int) -> DeepseekMoEExpertProjections:
+        return self._modules[str(index)]
+
+    def projections(self) -> Iterator[tuple[DeepseekMoEExpertProjections, str, nn.Module]]:
+        for index in range(self.num_experts):
+            expert = self.expert(index)
+            for name in EXPERT_PROJECTIONS:
+                yield expert, name, getattr(expert, name)
+
+    def finalize(self, compute_dtype: torch.dtype) -> nn.Module:
+        """After loading: keep the bnb weights as `DeepseekMoEExpertWeight`s and dequantize in `compute_dtype`. If no
+        projection was quantized (skipped through `llm_int8_skip_modules`, CPU offload), return fused experts."""
+        self.compute_dtype = compute_dtype
+        modules = [module for _, _, module in self.projections()]
+        if not any(is_bnb_linear(module) or isinstance(module, DeepseekMoEExpertWeight) for module in modules):
+            return self.to_dense(compute_dtype)
+        for expert, name, module in self.projections():
+            if not isinstance(module, DeepseekMoEExpertWeight):
+                setattr(expert, name, DeepseekMoEExpertWeight(module))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.expert(0).gate.weight.device
+
+    def dequantize(
+        self, experts: list[int] | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense `(gate_up_proj [E, 2I, H], down_proj [E, H, I])`. With `experts`, only those rows are written (the
+        others are left uninitialised, and never read by the hit-only implementations)."""
+        dtype = dtype or self.compute_dtype or torch.get_default_dtype()
+        width = self.intermediate_dim
+        gate_up_proj = torch.empty(self.num_experts, 2 * width, self.hidden_dim, dtype=dtype, device=self.device)
+        down_proj = torch.empty(self.num_experts, self.hidden_dim, width, dtype=dtype, device=self.device)
+        for index in range(self.num_experts) if experts is None else experts:
+            self._dequantize_expert_into(index, gate_up_proj[index], down_proj[index])
+        return gate_up_proj, down_proj
+
+    def dequantize_expert(self, index: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's dense `(gate_up [2I, H], down [H, I])` (e.g. for a LoRA layer over these experts)."""
+        dtype = dtype or self.compute_dtype or torch.get_default_dtype()
+        gate_up = torch.empty(2 * self.intermediate_dim, self.hidden_dim, dtype=dtype, device=self.device)
+        down = torch.empty(self.hidden_dim, self.intermediate_dim, dtype=dtype, device=self.device)
+        self._dequantize_expert_into(index, gate_up, down)
+        return gate_up, down
+
+    def _dequantize_expert_into(self, index: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        expert, width = self.expert(index), self.intermediate_dim
+        _dequantize_into(expert.gate, gate_up[:width])
+        _dequantize_into(expert.up, gate_up[width:])
+        _dequantize_into(expert.down, down)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> DeepseekMoEExperts:
+        """Fused `DeepseekMoEExperts` holding the dequantized weights (what `dequantize_model` puts in its place)."""
+        gate_up_proj, down_proj = self.dequantize(dtype=dtype)
+        with torch.device("meta"):
+            dense = DeepseekMoEExperts(self.config)
+        dense.gate_up_proj = nn.Parameter(gate_up_proj, requires_grad=False)
+        dense.down_proj = nn.Parameter(down_proj, requires_grad=False)
+        return dense
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad):
+            # The dense weights are 3.5x (4-bit) the stored ones: recompute them in the backward, don't keep them.
+            return checkpoint(self._dense_forward, hidden_states, top_k_index, top_k_weights, use_reentrant=False)
+        return self._dense_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _dense_forward(self, hidden_states, top_k_index, top_k_weights):
+        implementation = self.config._experts_implementation
+        experts = None
+        if hidden_states.device.type == "cpu" and implementation in HIT_ONLY_IMPLEMENTATIONS:
+            experts = torch.unique(top_k_index).tolist()
+        gate_up_proj, down_proj = self.dequantize(experts)
+        experts_forward = ALL_EXPERTS_FUNCTIONS.get_interface(implementation, _EAGER_EXPERTS_FORWARD)
+        dense_view = _DenseExpertsView(self, gate_up_proj, down_proj)
+        return experts_forward(dense_view, hidden_states, top_k_index, top_k_weights)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, compute_dtype={self.compute_dtype}"
+
+
+def _dequantize_into(module: nn.Module, out: torch.Tensor) -> None:
+    # A `DeepseekMoEExpertWeight`, or the `nn.Linear` / bnb layer it is made from while loading.
+    state = getattr(module, "state", None)
+    dequantize_weight(module.weight, int8_scale=getattr(state, "SCB", None), out=out)
+
+
+# The per-expert reference loop of `DeepseekMoEExperts` (experts implementation "eager"), without the dispatch.
+_EAGER_EXPERTS_FORWARD = DeepseekMoEExperts.forward.__wrapped__
+
+
+class _DenseExpertsView:
+    """What an experts implementation reads as `self`: the quantized module's attributes with dense weights."""
+
+    def __init__(self, experts: DeepseekMoEQuantizedExperts, gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
+        self._experts = experts
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+
+    def __getattr__(self, name):
+        return getattr(self._experts, name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _swap_in_quantized_experts(parent: nn.Module, name: str, module: nn.Module) -> nn.Module | None:
+    # A torch module-registration hook, active only while `quantized_experts_loading` is.
+    if type(module) is DeepseekMoEExperts:
+        return DeepseekMoEQuantizedExperts(module.config)
+    return None
+
+
+@contextmanager
+def quantized_experts_loading(pretrained_model_name_or_path, kwargs: dict):
+    """Context for `from_pretrained`: yields the keyword arguments to load with. With a bitsandbytes config (passed,
+    or saved with the checkpoint) the models built inside get `DeepseekMoEQuantizedExperts`, and the released
+    per-expert tensor names are mapped onto them (`key_mapping`); otherwise `kwargs` are yielded unchanged.
+    Call `finalize_quantized_experts(model)` on the loaded model."""
+    bnb_config = requested_bnb_config(pretrained_model_name_or_path, kwargs)
+    if bnb_config is None:
+        yield kwargs
+        return
+    require_bitsandbytes()
+    key_mapping = {**EXPERT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+    # torch's hook is process-wide: a DeepseekMoEExperts built by another thread during this load is swapped too.
+    handle = torch.nn.modules.module.register_module_module_registration_hook(_swap_in_quantized_experts)
+    try:
+        yield {**kwargs, "key_mapping": key_mapping}
+    finally:
+        handle.remove()
+
+
+def finalize_quantized_experts(model: nn.Module) -> None:
+    """After loading: turn each layer's loaded per-expert bnb layers into `DeepseekMoEExpertWeight`s (dequantized in
+    the router's dtype, the model's compute dtype), or back into fused experts where nothing was quantized."""
+    blocks = [
+        block
+        for block in model.modules()
+        if isinstance(block, DeepseekMoESparseMoeBlock) and isinstance(block.experts, DeepseekMoEQuantizedExperts)
+    ]
+    for block in blocks:
+        block.experts = block.experts.finalize(block.gate.weight.dtype)
+    if blocks:
+        _set_save_conversions(model)
+        hf_quantizer = getattr(model, "hf_quantizer", None)
+        if hf_quantizer is not None:
+            # `model.dequantize()` (transformers) only knows bnb's Linear layers; make it dequantize the experts too.
+            hf_quantizer._dequantize = lambda model, dtype=None: dequantize_model(model, dtype)
+
+
+def _set_save_conversions(model: nn.Module) -> None:
+    """What `save_pretrained` reverses: the expert renamings used at load, plus the model's own expert fusion (for
+    experts left unquantized). bitsandbytes' deserializing converters of a pre-quantized load are dropped: they have
+    no reverse and a save needs none (the state dict already holds the serialized names)."""
+    loaded = [
+        conversion
+        for conversion in getattr(model, "_weight_conversions", None) or []
+        if not any(getattr(op, "hf_quantizer", None) for op in getattr(conversion, "operations", ()))
+    ]
+    model._weight_conversions = loaded + get_model_conversion_mapping(model, add_legacy=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dequantizing, merging QLoRA adapters, k-bit training
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every bitsandbytes weight of a loaded 4-bit / 8-bit DeepSeekMoE by its dequantized value, in place:
+    routed experts become fused `DeepseekMoEExperts`, `Linear4bit` / `Linear8bitLt` become `nn.Linear`. With `dtype`
+    every parameter is cast to it. The result is a plain model that saves in the released layout.
+
+    To merge a QLoRA adapter, use `merge_adapter_into_dequantized_model` (PEFT's own merge into a bnb layer
+    re-quantizes the merged weight)."""
+    if any(hasattr(module, "base_layer") for module in model.modules()):
+        raise ValueError(
+            "dequantize_model got a model with adapter layers: use merge_adapter_into_dequantized_model(peft_model) "
+            "to merge them into the dequantized weights, or unload them first (peft_model.unload())."
+        )
+    target_dtype = dtype or _compute_dtype(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, DeepseekMoEQuantizedExperts):
+            model.set_submodule(name, module.to_dense(target_dtype))
+        elif is_bnb_linear(module):
+            model.set_submodule(name, _dense_linear(module, target_dtype))
+    _remove_router_hooks(model)
+    _forget_quantization(model)
+    if dtype is not None:
+        _cast_parameters(model, dtype)
+    return model
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    # Parameters only: `model.to(dtype)` would also round the fp32 RoPE `inv_freq` buffer.
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+    model.config.dtype = dtype
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model was loaded in, which its routers keep (`prepare_for_kbit_training` included)."""
+    router = next((module for module in model.modules() if isinstance(module, DeepseekMoEGate)), None)
+    if router is not None:
+        return router.weight.dtype
+    return model.get_input_embeddings().weight.dtype
+
+
+def _dense_linear(module: nn.Linear, dtype: torch.dtype) -> nn.Linear:
+    state = getattr(module, "state", None)
+    weight = dequantize_weight(module.weight, dtype, int8_scale=getattr(state, "SCB", None))
+    with torch.device("meta"):
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        dense.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return dense
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    hf_quantizer = getattr(model, "hf_quantizer", None)
+    if hf_quantizer is not None:
+        hf_quantizer.remove_quantization_config(model)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, flag):
+            setattr(model, flag, False)
+    # The loading conversions were those of the quantized layout; saving must use the model's own (fusing) ones.
+    model.__dict__.pop("_weight_conversions", None)
+
+
+def merge_adapter_into_dequantized_model(peft_model, dtype: torch.dtype | None = torch.bfloat16) -> nn.Module:
+    """Merge the active (Q)LoRA adapter of a PEFT model over a 4-bit / 8-bit DeepSeekMoE into the dequantized base
+    weights, the weights the adapter was trained against, and return the plain merged model (in `dtype`), ready for
+    `save_pretrained` in the released layout. The PEFT model is consumed."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter_name = peft_model.active_adapter
+    adapter_config = copy.deepcopy(peft_model.peft_config[adapter_name])
+    adapter_state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    adapter_state = {key: value.detach().clone() for key, value in adapter_state.items()}
+    base = dequantize_model(peft_model.unload(), dtype)
+    adapter_config.inference_mode = True
+    restored = get_peft_model(base, adapter_config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(restored, adapter_state, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise ValueError(f"The adapter weights did not all find their layer again: {result.unexpected_keys[:5]}")
+    merged = restored.merge_and_unload()
+    if dtype is not None:
+        _cast_parameters(merged, dtype)
+    return merged
+
+
+def prepare_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> nn.Module:
+    """PEFT's `prepare_model_for_kbit_training` (frozen base, fp32 norms / embeddings / lm_head, gradient
+    checkpointing), with the routers kept in the compute dtype: PEFT upcasts every non-4-bit parameter, and fp32
+    activations would make the routers score in fp32, which picks different experts than the bf16 model on near-ties.
+    Each router's weight goes back to its dtype and its input is cast to it, so routing is computed as at inference."""
+    from peft import prepare_model_for_kbit_training
+
+    routers = [module for module in model.modules() if isinstance(module, DeepseekMoEGate)]
+    router_dtypes = [router.weight.dtype for router in routers]
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=use_gradient_checkpointing,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+    )
+    for router, dtype in zip(routers, router_dtypes):
+        router.weight.data = router.weight.data.to(dtype)
+        if getattr(router, "_router_dtype_hook", None) is None:
+            router._router_dtype_hook = router.register_forward_pre_hook(_cast_router_input)
+    return model
+
+
+def _cast_router_input(router: DeepseekMoEGate, args: tuple):
+    hidden_states, *rest = args
+    return (hidden_states.to(router.weight.dtype), *rest)
+
+
+def _remove_router_hooks(model: nn.Module) -> None:
+    for module in model.modules():
+        hook = getattr(module, "_router_dtype_hook", None)
+        if hook is not None:
+            hook.remove()
+            module._router_dtype_hook = None
+
+
+__all__ = [
+    "DeepseekMoEExpertProjections",
+    "DeepseekMoEExpertWeight",
+    "DeepseekMoEQuantizedExperts",
+    "dequantize_model",
+    "dequantize_weight",
+    "finalize_quantized_experts",
+    "is_prequantized",
+    "merge_adapter_into_dequantized_model",
+    "prepare_for_kbit_training",
+    "quantized_experts_loading",
+    "resolve_bnb_config",
+]
