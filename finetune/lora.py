@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 
 from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoEExperts
+from modeling_deepseekmoe.quantization import DeepseekMoEQuantizedExperts
 
 from .expert_lora import ExpertsLoraLayer
 
@@ -80,7 +81,7 @@ def register_expert_lora(config: LoraConfig, expert_ids: dict[int, list[int]] | 
     if expert_ids is not None:
         selection = {int(layer): sorted(int(e) for e in ids) for layer, ids in expert_ids.items()}
         layer_class = functools.partial(ExpertsLoraLayer, expert_ids=selection)
-    config._register_custom_module({DeepseekMoEExperts: layer_class})
+    config._register_custom_module({DeepseekMoEExperts: layer_class, DeepseekMoEQuantizedExperts: layer_class})
     return config
 
 

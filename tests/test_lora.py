@@ -118,3 +118,31 @@ def test_grouped_gpu_projection_path_equals_the_cpu_loop():
         (grad_grouped,) = torch.autograd.grad(grouped.sum(), layer.lora_A["default"].gate_up if which == "gate_up"
                                               else layer.lora_A["default"].down)
         torch.testing.assert_close(grad_grouped, grad_looped, atol=1e-5, rtol=1e-5)
+
+
+def test_qlora_on_quantized_routed_experts_equals_the_dequantized_model(released_checkpoint):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from modeling_deepseekmoe.quantization import DeepseekMoEQuantizedExperts, dequantize_model
+
+    quantized = AutoModelForCausalLM.from_pretrained(
+        released_checkpoint, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    )
+    assert isinstance(quantized.model.layers[1].mlp.experts, DeepseekMoEQuantizedExperts)
+    dense = dequantize_model(AutoModelForCausalLM.from_pretrained(
+        released_checkpoint, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    ))
+    config = dict(target="experts", expert_ids={1: [0, 4], 2: [3]}, init_lora_weights=False)
+    torch.manual_seed(5)
+    adapted_quantized = get_peft_model(quantized, build_lora_config(**config))
+    torch.manual_seed(5)
+    adapted_dense = get_peft_model(dense, build_lora_config(**config))
+    ids = random_ids()
+    out_q, out_d = adapted_quantized(ids, labels=ids), adapted_dense(ids, labels=ids)
+    torch.testing.assert_close(out_q.logits, out_d.logits, atol=1e-5, rtol=1e-5)
+    out_q.loss.backward()
+    out_d.loss.backward()
+    grad = lambda m: m.base_model.model.model.layers[1].mlp.experts.lora_A["default"].gate_up.grad  # noqa: E731
+    torch.testing.assert_close(grad(adapted_quantized), grad(adapted_dense), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="dequantize the base first"):
+        adapted_quantized.merge_and_unload()
