@@ -6,9 +6,9 @@ Formats (the ones TRL's `SFTTrainer` knows):
 - prompt-completion: `prompt` and `completion` columns, both strings or both message lists;
 - plain text: one text column (`dataset_text_field`, "text" by default).
 
-Everything is checked before training starts, and every problem raises `DatasetValidationError` naming the row (0-based)
-and the field: an empty dataset, rows without the expected fields, conversations that do not alternate user/assistant
-or end with the user, and rows whose trained tokens would all be truncated away by `max_length`.
+Everything is checked before training starts, and every problem raises `DatasetValidationError` naming the row
+(0-based) and the field: an empty dataset, rows without the expected fields, conversations that do not alternate
+user/assistant or end with the user, and rows whose trained tokens would all be truncated away by `max_length`.
 
 The tokenized dataset carries `labels` with the loss mask already applied (-100 = not trained): by default only the
 assistant answers and their EOS for conversations (the chat template's `{% generation %}` blocks) and only the
@@ -150,10 +150,9 @@ def _validated_row(row: dict, index: int, data_format: str, text_field: str) -> 
     prompt = _decode_messages(prompt, index, "prompt")
     completion = _decode_messages(completion, index, "completion")
     check_conversation(prompt, index, field="prompt", expect_last="user")
-    if [m["role"] for m in completion] != ["assistant"]:
-        raise DatasetValidationError(
-            f"Row {index}: field 'completion' must be one assistant message, got roles {[m['role'] for m in completion]}."
-        )
+    roles = [m["role"] for m in completion]
+    if roles != ["assistant"]:
+        raise DatasetValidationError(f"Row {index}: field 'completion' must be one assistant message, got {roles}.")
     return {"prompt": prompt, "completion": completion}
 
 
@@ -200,7 +199,9 @@ def check_conversation(messages: list[dict], index: int, field: str = "messages"
         position = turn + (len(messages) - len(turns))
         expected = "user" if turn % 2 == 0 else "assistant"
         if message["role"] != expected:
-            detail = "a system message is only allowed first" if message["role"] == "system" else "turns must alternate"
+            detail = "turns must alternate"
+            if message["role"] == "system":
+                detail = "a system message is only allowed first"
             raise DatasetValidationError(
                 f"Row {index}: {field}[{position}].role is {message['role']!r} where {expected!r} was expected "
                 f"({detail}: user, assistant, user, ...)."
@@ -334,21 +335,25 @@ def check_truncation(
             empty.append(index)
     if not empty:
         return dataset
-    first_trained = [next((i for i, t in enumerate(dataset[i]["labels"]) if t != IGNORE_INDEX), None) for i in empty[:3]]
-    shown = ", ".join(f"row {row} (first trained token at position {pos})" for row, pos in zip(empty, first_trained))
+    shown = ", ".join(f"row {row} (first trained token at position {_first_trained(dataset[row]['labels'])})"
+                      for row in empty[:3])  # fmt: skip
     reason = f"max_length={max_length} ({truncation_mode})" if max_length else "tokenization"
     message = (
         f"{len(empty)} of {len(dataset)} rows have no trained token left after {reason}: {shown}"
         f"{' and more' if len(empty) > 3 else ''}."
     )
     if len(empty) == len(dataset):
-        raise DatasetValidationError(f"Every row is truncated away. {message} Raise --max_length or shorten the prompts.")
+        raise DatasetValidationError(f"Every row is truncated away. {message} Raise --max_length or shorten the rows.")
     if not drop_truncated_rows:
         raise DatasetValidationError(
             f"{message} Raise --max_length, shorten those rows, or pass --drop_truncated_rows to leave them out."
         )
     keep = sorted(set(range(len(dataset))) - set(empty))
     return dataset.select(keep)
+
+
+def _first_trained(labels: list[int]) -> int | None:
+    return next((position for position, label in enumerate(labels) if label != IGNORE_INDEX), None)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def sorted_experts_forward(
     weighted = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
     unsorted = torch.empty_like(weighted)
     unsorted[order] = weighted
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    return unsorted.view(num_tokens, top_k, hidden_states.shape[-1]).sum(dim=1).to(hidden_states.dtype)
 
 
 def hit_expert_bounds(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -46,12 +46,15 @@ def hit_expert_bounds(counts: list[int]) -> list[tuple[int, int, int]]:
 
 
 def looped_projection(
-    rows: torch.Tensor, counts: torch.Tensor, expert_output: Callable[[int, torch.Tensor], torch.Tensor]
+    rows: torch.Tensor,
+    counts: torch.Tensor,
+    expert_output: Callable[[int, torch.Tensor], torch.Tensor],
+    out_features: int,
 ) -> torch.Tensor:
     """CPU path: `expert_output(expert, its rows)` for every hit expert, concatenated in row order (host-side counts
     are fine on CPU)."""
     pieces = [expert_output(expert, rows[start:end]) for expert, start, end in hit_expert_bounds(counts.tolist())]
-    return torch.cat(pieces)
+    return torch.cat(pieces) if pieces else rows.new_zeros(0, out_features)
 
 
 def grouped_projection(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,8 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
                     out = out + delta.to(out.dtype)
             return out
 
-        return looped_projection(rows, counts, expert_output)
+        out_features = 2 * self.intermediate_dim if which == "gate_up" else self.hidden_dim
+        return looped_projection(rows, counts, expert_output, out_features)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

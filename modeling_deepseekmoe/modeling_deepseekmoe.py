@@ -379,7 +379,7 @@ def sorted_loop_experts_forward(
     # Undo the sort and sum the k slots of each token in a fixed order (deterministic, unlike index_add_).
     unsorted = torch.empty_like(weighted)
     unsorted[order] = weighted
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    return unsorted.view(num_tokens, top_k, hidden_states.shape[-1]).sum(dim=1).to(hidden_states.dtype)
 
 
 def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):

@@ -47,7 +47,7 @@ class ESFTExperts(nn.Module):
             slot = self.slots.get(expert)
             return linear(expert_rows, pieces[slot] if slot is not None else frozen[expert])
 
-        return looped_projection(rows, counts, expert_output)
+        return looped_projection(rows, counts, expert_output, frozen.shape[1])
 
     @torch.no_grad()
     def merge(self) -> DeepseekMoEExperts:

@@ -1,0 +1,429 @@
+"""Supervised fine-tuning of DeepSeekMoE with TRL's `SFTTrainer`: full, LoRA (attention and/or routed, shared and
+dense experts, by name and by layer) and QLoRA (4-bit / 8-bit base with quantized experts).
+
+    from deepseekmoe.finetune.sft import parse_sft_args, run_sft
+    result = run_sft(*parse_sft_args(["--model_name_or_path", path, "--dataset_name", "train.jsonl",
+                                      "--use_peft", "--output_dir", "out"]))
+
+Flags are named as TRL names them (`SFTConfig` / `TrainingArguments`, and TRL's `ModelConfig` for `--use_peft`,
+`--lora_r`, `--lora_target_modules`, `--load_in_4bit`, ...), plus a few DeepSeekMoE ones (`--lora_layers`,
+`--train_router`, `--aux_loss_alpha`, `--experts_implementation`). `--config file.yaml` (or .json) supplies any of
+them; flags on the command line win. Launch with `accelerate launch` (configs in `finetune/configs/`) for several
+processes: the same code runs DDP, FSDP2 and DeepSpeed ZeRO-2/3.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import is_torch_bf16_gpu_available
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, TrlParser
+
+import modeling_deepseekmoe  # noqa: F401  (registers the "deepseek" model type)
+
+from .data import prepare_sft_dataset
+from .merge import RUN_INFO_FILE
+from .trainer import DeepseekMoESFTTrainer
+
+
+logger = logging.getLogger(__name__)
+ROUTER_MODULE = "mlp.gate"
+
+
+@dataclass
+class ModelArguments:
+    """The model, its precision and what is trained (names as in TRL's `ModelConfig` where it has them)."""
+
+    model_name_or_path: str = field(default=None, metadata={"help": "Local DeepSeekMoE checkpoint directory."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype ('auto' = the checkpoint's).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    experts_implementation: str | None = field(
+        default=None, metadata={"help": "Routed experts kernel: auto, sorted_loop, grouped_mm, batched_mm, eager."}
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full model."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (ESFT paper's LoRA baseline: 8)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r = 2, as in the paper)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (also on the routed experts)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={
+            "help": "What gets LoRA: attention, experts (routed), shared_experts, dense_mlp, all (= every one), "
+            "all-linear (all but the routed experts), or module-name regexes. The router never does."
+        },
+    )
+    lora_layers: list[int] | None = field(default=None, metadata={"help": "Decoder layers that get LoRA (all)."})
+    lora_modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling alpha / sqrt(r)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base (experts included)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base (experts included)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type.", "choices": ["nf4", "fp4"]})
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantization of the 4-bit scales."})
+    train_router: bool = field(default=False, metadata={"help": "Also train the routers (mlp.gate); frozen if not."})
+    aux_loss_alpha: float | None = field(
+        default=None,
+        metadata={"help": "Weight of DeepSeekMoE's expert-balance loss (0 disables it; default: the config's)."},
+    )
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("Choose one of --load_in_4bit and --load_in_8bit.")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ValueError("A 4-bit / 8-bit base cannot be fine-tuned in full: add --use_peft (QLoRA).")
+        if self.aux_loss_alpha is not None and self.aux_loss_alpha < 0:
+            raise ValueError(f"--aux_loss_alpha must be >= 0 (got {self.aux_loss_alpha}); 0 disables the aux loss.")
+
+    @property
+    def quantization(self) -> str | None:
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how it is read (see finetune/data.py)."""
+
+    dataset_name: str = field(
+        default=None, metadata={"help": "Training data: a .json/.jsonl/.parquet/.csv file or a save_to_disk folder."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of a save_to_disk DatasetDict."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Eval split of a save_to_disk DatasetDict."})
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Evaluation data (same formats)."})
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "Row format.", "choices": ["auto", "messages", "prompt_completion", "text"]},
+    )
+    drop_truncated_rows: bool = field(
+        default=False, metadata={"help": "Drop rows whose trained tokens max_length cuts off (an error otherwise)."}
+    )
+
+
+@dataclass
+class DeepseekSFTConfig(SFTConfig):
+    """TRL's `SFTConfig` with the chat defaults of this project: loss on the assistant answers only."""
+
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Train only on the assistant answers (and their EOS) of conversational data."},
+    )
+
+    def __post_init__(self):
+        resolve_precision(self)
+        super().__post_init__()
+
+
+def resolve_precision(args) -> None:
+    """TRL turns bf16 on unless fp16 is set. Without a GPU (and without --use_cpu) bf16 left unset means fp32 rather
+    than transformers' "doesn't support bf16/gpu" error; on a GPU without bf16 the choice is refused, clearly."""
+    if args.fp16 or args.bf16 is False or getattr(args, "use_cpu", False):
+        return
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"{torch.cuda.get_device_name()} has no bf16, the precision DeepSeekMoE was trained in. Choose --fp16 "
+            "(fp32 master weights with loss scaling; activations may overflow fp16, in which case the run stops at "
+            "the first NaN/inf loss, and the in-layer aux loss is then not loss-scaled: its weight is divided by the "
+            "loss scale) or --bf16 false for fp32."
+        )
+    if not is_torch_bf16_gpu_available():
+        if args.bf16:
+            raise ValueError("--bf16 needs a GPU with bf16; on CPU add --use_cpu true (bf16 autocast on the CPU).")
+        logger.warning("No GPU: training in fp32 (--bf16 false). Pass --use_cpu true --bf16 true for bf16 on CPU.")
+        args.bf16 = False
+
+
+SFT_DATACLASSES = (ModelArguments, DataArguments, DeepseekSFTConfig)
+
+
+class SFTArgumentParser(TrlParser):
+    """`HfArgumentParser` over (ModelArguments, DataArguments, DeepseekSFTConfig) that also reads `--config FILE`
+    (YAML or JSON mapping of flag names to values; command-line flags take precedence)."""
+
+    def __init__(self, dataclass_types=SFT_DATACLASSES, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if "--config" in args:
+            index = args.index("--config")
+            if index + 1 >= len(args):
+                raise ValueError("--config needs a file path.")
+            path = args[index + 1]
+            del args[index : index + 2]
+            unknown = self.set_defaults_with_config(**read_config_file(path))
+            if unknown:
+                raise ValueError(f"{path} sets unknown option(s): {sorted(set(unknown[::2]))}.")
+        return super().parse_known_args(args, namespace)
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    import yaml
+
+    with open(path) as handle:
+        config = yaml.safe_load(handle)  # JSON is YAML too
+    if not isinstance(config, dict):
+        raise ValueError(f"The config file {path} must hold a mapping of option names to values.")
+    return config
+
+
+def parse_sft_args(
+    argv: list[str] | None = None, prog: str | None = None
+) -> tuple[ModelArguments, DataArguments, DeepseekSFTConfig]:
+    """(model_args, data_args, training_args) from command-line style arguments (`--config FILE` accepted)."""
+    parser = SFTArgumentParser(prog=prog, description="Supervised fine-tuning of DeepSeekMoE (TRL SFTTrainer).")
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    required = {"--model_name_or_path": model_args.model_name_or_path, "--dataset_name": data_args.dataset_name}
+    for name, value in required.items():
+        if value is None:
+            parser.error(f"{name} is required")
+    return model_args, data_args, training_args
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def resolve_dtype(model_args: ModelArguments, training_args) -> torch.dtype | str:
+    """The weights dtype. fp16 mixed precision needs fp32 master weights for full fine-tuning and an fp16 compute
+    dtype for a (Q)LoRA base."""
+    dtype = model_args.dtype
+    if training_args.fp16 and dtype in ("auto", "bfloat16"):
+        dtype = "float16" if model_args.use_peft else "float32"
+        logger.warning("--fp16: loading the weights in %s (they are bf16 in the released checkpoints).", dtype)
+    if training_args.fp16 and dtype == "float16" and not model_args.use_peft:
+        raise ValueError("Full fine-tuning with --fp16 needs fp32 master weights: use --dtype float32 (or auto).")
+    return dtype if dtype == "auto" else getattr(torch, dtype)
+
+
+def quantization_config(model_args: ModelArguments, compute_dtype) -> BitsAndBytesConfig | None:
+    if model_args.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.bfloat16,
+        )
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(model_args: ModelArguments, training_args):
+    """The model as trained: dtype, quantization, aux-loss weight, frozen routers (full fine-tuning)."""
+    dtype = resolve_dtype(model_args, training_args)
+    kwargs = {"dtype": dtype}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.experts_implementation:
+        kwargs["experts_implementation"] = model_args.experts_implementation
+    bnb_config = quantization_config(model_args, dtype)
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+        if torch.cuda.is_available() and not training_args.use_cpu:
+            kwargs["device_map"] = {"": training_args.local_process_index}
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    configure_moe_training(model, model_args)
+    if bnb_config is not None:
+        model = prepare_quantized_model(model, training_args)
+    elif not model_args.use_peft:
+        freeze_routers(model, trainable=model_args.train_router)
+    return model
+
+
+def configure_moe_training(model, model_args: ModelArguments) -> None:
+    config = model.config
+    if model_args.aux_loss_alpha is not None:
+        config.aux_loss_alpha = model_args.aux_loss_alpha
+    # TRL's fused LM head would add Mixtral's loss (and fail on the missing num_experts); the model injects its own.
+    config.output_router_logits = False
+
+
+def freeze_routers(model, trainable: bool = False) -> list[str]:
+    names = []
+    for name, parameter in model.named_parameters():
+        if name.endswith(f"{ROUTER_MODULE}.weight"):
+            parameter.requires_grad_(trainable)
+            names.append(name)
+    return names
+
+
+def prepare_quantized_model(model, training_args):
+    gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    try:
+        from modeling_deepseekmoe.quantization import prepare_for_kbit_training
+    except ImportError:  # the quantization module not present: PEFT's helper (upcasts the routers to fp32)
+        from peft import prepare_model_for_kbit_training as prepare_for_kbit_training
+    return prepare_for_kbit_training(
+        model,
+        use_gradient_checkpointing=training_args.gradient_checkpointing,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+    )
+
+
+def build_peft_config(model_args: ModelArguments):
+    """The LoRA config of a run: the one place LoRA configs are made (`finetune.lora.build_lora_config`)."""
+    from .lora import build_lora_config
+
+    modules_to_save = list(model_args.lora_modules_to_save or [])
+    if model_args.train_router and ROUTER_MODULE not in modules_to_save:
+        modules_to_save.append(ROUTER_MODULE)
+    return build_lora_config(
+        model_args.lora_target_modules,
+        layers=model_args.lora_layers,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        use_rslora=model_args.use_rslora,
+        modules_to_save=modules_to_save or None,
+    )
+
+
+def load_tokenizer(model_args: ModelArguments, training_args):
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    path = training_args.chat_template_path
+    if path is not None:
+        if not (os.path.isfile(path) and path.endswith((".jinja", ".j2"))):
+            raise ValueError(f"--chat_template_path must be a .jinja file here, got {path!r}.")
+        with open(path, encoding="utf-8") as handle:
+            tokenizer.chat_template = handle.read()
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def prepare_datasets(data_args: DataArguments, training_args, tokenizer, train_dataset=None, eval_dataset=None):
+    """Tokenized (train, eval) datasets, validated before any training (errors name the row and field)."""
+    from accelerate import PartialState
+
+    options = dict(
+        data_format=data_args.dataset_format,
+        text_field=training_args.dataset_text_field,
+        assistant_only_loss=training_args.assistant_only_loss,
+        completion_only_loss=training_args.completion_only_loss,
+        max_length=training_args.max_length,
+        truncation_mode=training_args.truncation_mode,
+        packing=training_args.packing,
+        packing_strategy=training_args.packing_strategy,
+        drop_truncated_rows=data_args.drop_truncated_rows,
+        num_proc=training_args.dataset_num_proc,
+    )
+    with PartialState().main_process_first():
+        train = prepare_sft_dataset(
+            train_dataset if train_dataset is not None else data_args.dataset_name,
+            tokenizer,
+            split=data_args.dataset_train_split,
+            **options,
+        )
+        evaluation = eval_dataset if eval_dataset is not None else data_args.eval_dataset_name
+        if evaluation is None and data_args.dataset_name and os.path.isdir(data_args.dataset_name):
+            if training_args.eval_strategy != "no" and os.path.isdir(
+                os.path.join(data_args.dataset_name, data_args.dataset_test_split)
+            ):
+                evaluation = data_args.dataset_name
+        if evaluation is not None:
+            evaluation = prepare_sft_dataset(evaluation, tokenizer, split=data_args.dataset_test_split, **options)
+    return train, evaluation
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Run
+
+
+@dataclass
+class SFTResult:
+    trainer: DeepseekMoESFTTrainer
+    train_output: object
+    output_dir: str
+    summary: dict | None
+
+
+def resolve_resume(training_args) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint path, or true / last / auto for the latest in `output_dir`."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", "none", ""):
+        return None
+    if str(value).lower() in ("true", "last", "auto", "latest"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            logger.warning("No checkpoint in %s to resume from; starting from scratch.", training_args.output_dir)
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
+    return value
+
+
+def run_sft(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DeepseekSFTConfig,
+    *,
+    train_dataset=None,
+    eval_dataset=None,
+    callbacks: list | None = None,
+    train: bool = True,
+) -> SFTResult:
+    """Validate the data, load the model, train with `DeepseekMoESFTTrainer` (resuming when asked), save the model
+    (or adapter) and tokenizer to `output_dir`. `train_dataset` / `eval_dataset` (`datasets.Dataset`) replace the
+    paths of `data_args`. With `train=False` the trainer is built and returned untrained."""
+    if training_args.fp16 and (model_args.aux_loss_alpha is None or model_args.aux_loss_alpha > 0):
+        logger.warning(
+            "--fp16: DeepSeekMoE injects its aux-loss gradient inside the MoE layers, outside the fp16 loss scaling, "
+            "so its effective weight is aux_loss_alpha / loss_scale."
+        )
+    tokenizer = load_tokenizer(model_args, training_args)
+    train_data, eval_data = prepare_datasets(data_args, training_args, tokenizer, train_dataset, eval_dataset)
+    model = load_model(model_args, training_args)
+    peft_config = build_peft_config(model_args) if model_args.use_peft else None
+    trainer = DeepseekMoESFTTrainer(
+        model,
+        training_args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    if not train:
+        return SFTResult(trainer, None, training_args.output_dir, None)
+    write_run_info(training_args.output_dir, model_args, data_args, trainer)
+    output = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return SFTResult(trainer, output, training_args.output_dir, trainer.moe_monitor.summary)
+
+
+def write_run_info(output_dir: str, model_args: ModelArguments, data_args: DataArguments, trainer) -> None:
+    """What `merge` needs to know about the run (the base, its quantization), next to the adapter."""
+    if not trainer.args.should_save:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    info = {
+        "base_model_name_or_path": model_args.model_name_or_path,
+        "quantization": model_args.quantization,
+        "use_peft": model_args.use_peft,
+        "model_args": asdict(model_args),
+        "data_args": asdict(data_args),
+    }
+    with open(os.path.join(output_dir, RUN_INFO_FILE), "w") as handle:
+        json.dump(info, handle, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_sft(*parse_sft_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
