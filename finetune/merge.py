@@ -111,18 +111,39 @@ def merge_adapter(
     overwrite: bool = False,
 ) -> Path:
     """Merge `adapter_dir` into the base and write the released-layout checkpoint + tokenizer to `output_dir`."""
+    check_output_dir(output_dir, overwrite)
+    model = merged_model(base_model_name_or_path, adapter_dir, dtype, quantization)
+    tokenizer_source = tokenizer_name_or_path or _tokenizer_source(adapter_dir, base_model_name_or_path)
+    card = {"base_model": str(base_model_name_or_path), "method": f"LoRA adapter {adapter_dir} merged"}
+    return write_checkpoint(model, AutoTokenizer.from_pretrained(tokenizer_source), output_dir, max_shard_size,
+                            overwrite, card)
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace.")
-    model = merged_model(base_model_name_or_path, adapter_dir, dtype, quantization)
-    tokenizer_source = tokenizer_name_or_path or _tokenizer_source(adapter_dir, base_model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    return output_dir
+
+
+def write_checkpoint(
+    model, tokenizer, output_dir: str | os.PathLike, max_shard_size: str | int = "5GB", overwrite: bool = False,
+    card: dict | None = None,
+) -> Path:
+    """Save `model` (released layout) + tokenizer + model card to `output_dir` whole or not at all: written to a
+    staging folder, checked with `validate_checkpoint`, then renamed."""
+    from deepseekmoe.model_card import architecture_summary, write_model_card
+
+    output_dir = check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
         validate_checkpoint(staging, model.config)
+        if card is not None:
+            write_model_card(staging, "sft", model_name=output_dir.name, adapter=False,
+                             training=architecture_summary(model.config), **card)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)

@@ -372,6 +372,9 @@ def run_sft(
     eval_dataset=None,
     callbacks: list | None = None,
     train: bool = True,
+    prepare_model=None,
+    trainer_class=DeepseekMoESFTTrainer,
+    trainer_kwargs: dict | None = None,
 ) -> SFTResult:
     """Validate the data, load the model, train with `DeepseekMoESFTTrainer` (resuming when asked), save the model
     (or adapter) and tokenizer to `output_dir`. `train_dataset` / `eval_dataset` (`datasets.Dataset`) replace the
@@ -384,8 +387,10 @@ def run_sft(
     tokenizer = load_tokenizer(model_args, training_args)
     train_data, eval_data = prepare_datasets(data_args, training_args, tokenizer, train_dataset, eval_dataset)
     model = load_model(model_args, training_args)
+    if prepare_model is not None:  # e.g. ESFT: freeze all but the selected experts
+        model = prepare_model(model)
     peft_config = build_peft_config(model_args) if model_args.use_peft else None
-    trainer = DeepseekMoESFTTrainer(
+    trainer = trainer_class(
         model,
         training_args,
         train_dataset=train_data,
@@ -393,12 +398,15 @@ def run_sft(
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,
+        **(trainer_kwargs or {}),
     )
     if not train:
         return SFTResult(trainer, None, training_args.output_dir, None)
     write_run_info(training_args.output_dir, model_args, data_args, trainer)
     output = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     trainer.save_model(training_args.output_dir)
+    if trainer.args.should_save:
+        trainer.write_model_card(model_args, data_args)
     trainer.accelerator.wait_for_everyone()
     return SFTResult(trainer, output, training_args.output_dir, trainer.moe_monitor.summary)
 

@@ -12,6 +12,7 @@ What it changes, and why:
   never leaves a half-written `checkpoint-N` for `resume_from_checkpoint` to pick up.
 """
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -61,6 +62,35 @@ class DeepseekMoESFTTrainer(SFTTrainer):
         _unwrapped_config(self.model).output_router_logits = False
         self.moe_monitor = monitor or MoETrainingMonitor(self.args.output_dir)
         self.add_callback(self.moe_monitor)
+
+    def training_summary(self, model_args, data_args) -> str:
+        args = self.args
+        lines = [
+            f"- data: `{data_args.dataset_name}` ({data_args.dataset_format} format)",
+            f"- steps: {self.state.global_step}, learning rate {args.learning_rate}, "
+            f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation",
+            f"- aux loss alpha: {_unwrapped_config(self.model).aux_loss_alpha}, routers "
+            f"{'trained' if model_args.train_router else 'frozen'}",
+        ]
+        if self.moe_monitor.summary:
+            lines.append(f"- run summary: {json.dumps(self.moe_monitor.summary)}")
+        return "\n".join(lines)
+
+    def write_model_card(self, model_args, data_args) -> None:
+        from deepseekmoe.model_card import write_model_card
+
+        method = "LoRA" if model_args.use_peft else "full fine-tuning"
+        if model_args.quantization:
+            method = f"QLoRA ({model_args.quantization} base)"
+        write_model_card(
+            self.args.output_dir,
+            "sft",
+            model_name=os.path.basename(os.path.normpath(self.args.output_dir)),
+            base_model=model_args.model_name_or_path,
+            method=method,
+            adapter=model_args.use_peft,
+            training=self.training_summary(model_args, data_args),
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:

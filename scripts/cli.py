@@ -112,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from deepseekmoe.eval.analysis.cli import add_analyze_parser
     from deepseekmoe.eval.cli import add_eval_parser
+    from deepseekmoe.finetune.cli import add_merge_parser, add_sft_parser
+    from deepseekmoe.finetune.esft.cli import add_esft_parser
 
+    add_sft_parser(commands)
+    add_merge_parser(commands)
+    add_esft_parser(commands)
     add_eval_parser(commands)
     add_analyze_parser(commands)
     return parser

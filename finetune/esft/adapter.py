@@ -11,8 +11,6 @@ An adapter directory holds
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -110,23 +108,26 @@ def save_esft_adapter(
     """Write the current weights of the experts `expert_config` selects as an ESFT adapter (atomically)."""
     tensors = adapter_tensors(model, expert_config)
     adapter_dir = Path(adapter_dir)
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
     metadata = {
         "base_model_name_or_path": base_model_name_or_path or model.config.name_or_path or None,
         "config": {key: getattr(model.config, key) for key in MATCHED_CONFIG_KEYS},
         "num_parameters": sum(t.numel() for t in tensors.values()),
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
-    try:
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / EXPERT_CONFIG_FILE).write_text(json.dumps(_normalised(expert_config), indent=2) + "\n")
-        (staging / ADAPTER_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(staging, adapter_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Each file is written whole (temporary name, then rename); the metadata file, last, marks a complete adapter.
+    (adapter_dir / ADAPTER_METADATA_FILE).unlink(missing_ok=True)
+    _write_atomically(adapter_dir / ADAPTER_WEIGHTS_FILE, lambda path: save_file(tensors, str(path), {"format": "pt"}))
+    _write_atomically(adapter_dir / EXPERT_CONFIG_FILE,
+                      lambda path: path.write_text(json.dumps(_normalised(expert_config), indent=2) + "\n"))
+    _write_atomically(adapter_dir / ADAPTER_METADATA_FILE,
+                      lambda path: path.write_text(json.dumps(metadata, indent=2) + "\n"))
     return adapter_dir
+
+
+def _write_atomically(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    os.replace(temporary, path)
 
 
 def _normalised(expert_config: dict) -> dict:

@@ -113,6 +113,31 @@ def pack_for_scoring(
     return sequences
 
 
+def scoring_sequences(
+    dataset,
+    tokenizer,
+    sequence_length: int = 4096,
+    num_sequences: int = 32,
+    all_tokens: bool = False,
+    data_format: str = "auto",
+) -> list[dict[str, torch.Tensor]]:
+    """Probe sequences from SFT-format data (a path or a `datasets.Dataset`; validated and tokenized exactly as for
+    training): the tokens training learns from (assistant answers of conversations, completions) are scored, or all
+    tokens with `all_tokens`."""
+    from ..data import prepare_sft_dataset
+
+    tokenized = prepare_sft_dataset(
+        dataset, tokenizer, data_format=data_format, assistant_only_loss=not all_tokens,
+        completion_only_loss=not all_tokens, max_length=None,
+    )  # fmt: skip
+    examples = (
+        {"input_ids": row["input_ids"],
+         "score_mask": None if all_tokens else [int(label != -100) for label in row["labels"]]}
+        for row in tokenized
+    )  # fmt: skip
+    return pack_for_scoring(examples, sequence_length, num_sequences)
+
+
 @torch.no_grad()
 def score_experts(model, sequences: list[dict[str, torch.Tensor]], show_progress: bool = True) -> ExpertScores:
     """ESFT-Gate and ESFT-Token scores of every routed expert over `sequences` (dicts with `input_ids` [T] and
