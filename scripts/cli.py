@@ -12,8 +12,7 @@ GENERATION_FLAGS = ("max_new_tokens", "do_sample", "temperature", "top_p")
 def _demo(args: argparse.Namespace) -> None:
     from .demo import format_demo, run_demo
 
-    result = run_demo(args.output_dir, seed=args.seed, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
-    print(format_demo(result))
+    print(format_demo(run_demo(args.output_dir, seed=args.seed, fast=args.fast)))
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole workflow on a tiny DeepSeekMoE, on CPU")
     demo.add_argument("--output_dir", default="deepseekmoe-demo", help="where the demo writes its models and files")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--prompt", default="What do the experts of a mixture-of-experts model do?")
-    demo.add_argument("--max_new_tokens", type=int, default=24)
+    demo.add_argument("--fast", action="store_true", help="fewer steps and examples (what the tests run)")
     demo.set_defaults(func=_demo)
 
     convert = commands.add_parser("convert", help="check a released checkpoint; rewrite it with --output_dir")

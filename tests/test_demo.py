@@ -1,30 +1,53 @@
 import json
 
+import pytest
+import torch
+
 from deepseekmoe.cli import main
-from deepseekmoe.demo import format_demo, run_demo
+from deepseekmoe.demo import FAST_SETTINGS, ESFT_DOMAIN, run_demo
+from deepseekmoe.synthetic import make_corpus, pretrain
+from modeling_deepseekmoe.checkpoint import validate_checkpoint
+from modeling_deepseekmoe.tokenization import build_tokenizer
 
 
-def test_demo_saves_released_layout_reloads_generates_and_reports_routing(tmp_path):
-    result = run_demo(tmp_path, max_new_tokens=4)
-    assert (result.model_dir / "model.safetensors.index.json").is_file()
-    config = json.loads((result.model_dir / "config.json").read_text())
-    assert config["model_type"] == "deepseek" and config["architectures"] == ["DeepseekForCausalLM"]
-    assert "model.layers.1.mlp.experts.15.down_proj.weight" in json.loads(
-        (result.model_dir / "model.safetensors.index.json").read_text()
-    )["weight_map"]
-    assert len(result.routing) == result.prompt_tokens + 4
-    for entry in result.routing:
-        assert sorted(entry["experts"]) == [1, 2, 3]
-        assert all(len(set(ids)) == 4 and max(ids) < 16 for ids in entry["experts"].values())
-    assert "Routed experts" in format_demo(result)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return run_demo(tmp_path_factory.mktemp("demo"), fast=True)
 
 
-def test_demo_is_reproducible(tmp_path):
-    first = run_demo(tmp_path / "a", max_new_tokens=3)
-    second = run_demo(tmp_path / "b", max_new_tokens=3)
-    assert first.completion == second.completion and first.routing == second.routing
+def test_demo_writes_every_stage(demo):
+    from modeling_deepseekmoe import DeepseekMoEConfig
+
+    for directory in (demo.base_dir, demo.sft_dir, demo.esft_merged_dir):
+        validate_checkpoint(directory, DeepseekMoEConfig.from_pretrained(directory))
+        assert json.loads((directory / "config.json").read_text())["architectures"] == ["DeepseekForCausalLM"]
+    assert (demo.esft_adapter_dir / "adapter_model.safetensors").is_file()
+    assert all(path.is_file() and path.stat().st_size > 1000 for path in demo.plots)
+    assert all(path.is_file() for path in demo.model_cards)
+    assert "## Evaluation" in (demo.base_dir / "README.md").read_text()
+    assert set(demo.exact_match) == {"base", "sft", "esft"}
+    assert demo.routing and all(len(ids) == 2 for ids in demo.routing[0]["experts"].values())
 
 
-def test_cli_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--output_dir", str(tmp_path), "--max_new_tokens", "2"]) == 0
-    assert "AutoModelForCausalLM" in capsys.readouterr().out
+def test_demo_esft_lowers_the_target_domain_loss(demo):
+    assert demo.chat_losses["esft"][ESFT_DOMAIN] < demo.chat_losses["sft"][ESFT_DOMAIN]
+
+
+def test_demo_pretraining_is_reproducible():
+    tokenizer = build_tokenizer(vocab_size=512)
+    corpus = make_corpus(20, seed=0)
+    first, losses_a = pretrain(tokenizer, corpus, steps=3, seed=0, show_progress=False)
+    second, losses_b = pretrain(tokenizer, corpus, steps=3, seed=0, show_progress=False)
+    assert losses_a == losses_b
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert FAST_SETTINGS.pretrain_steps < 200
+
+
+def test_cli_demo_help_and_bad_output_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0 and "--fast" in capsys.readouterr().out
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["demo", "--output_dir", str(blocker), "--fast"]) == 1
+    assert "error" in capsys.readouterr().err
