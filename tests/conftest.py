@@ -6,6 +6,16 @@ from modeling_deepseekmoe import DeepseekMoEConfig
 from modeling_deepseekmoe.checkpoint import write_random_released_checkpoint
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine waiting threads slow them
+    down many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides) -> DeepseekMoEConfig:
     """A 3-layer DeepSeekMoE with the released structure: layer 0 dense, then MoE layers with shared experts."""
     values = dict(

@@ -38,15 +38,6 @@ DOMAIN_A, DOMAIN_B = range(2, 42), range(42, 82)  # token id ranges of the two p
 MOE_LAYERS = (1, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy shared CPU, waiting threads slow them down a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planted_model() -> DeepseekMoEForCausalLM:
     """A tiny model whose routers send domain-A tokens to experts {0, 1} and domain-B tokens to {2, 3} in every MoE
     layer; experts 4..7 are never selected.

@@ -15,7 +15,6 @@ from test_sft import TOY_ROWS, TRAIN_FLAGS, write_base, write_jsonl
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("esft")
-    torch.set_num_threads(1)
     return {"root": root, "base": write_base(root / "base"), "data": write_jsonl(root / "task.jsonl", TOY_ROWS)}
 
 

@@ -29,15 +29,12 @@ ESFT_SELECTION = {"experts": {"1": [0, 1, 2, 3], "2": [4, 5, 6, 7]}, "shared_exp
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline_single_thread():
-    """No hub access; one torch thread (a tiny model on a shared 2-core CPU runs far faster that way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def offline():
+    """No hub access."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("HF_DATASETS_OFFLINE", "1")
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)

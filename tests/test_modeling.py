@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, StaticCache
 
 from modeling_deepseekmoe import DeepseekMoEForCausalLM, DeepseekMoEForSequenceClassification
-from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoEGate, DeepseekMoESparseMoeBlock
+from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoESparseMoeBlock
 
 from conftest import tiny_config
 

@@ -45,16 +45,6 @@ CONFIGS = {
 LOGITS_RELATIVE_TOLERANCE = {"nf4": 0.2, "nf4-dq": 0.2, "int8": 0.02}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # bitsandbytes' CPU kernels on tiny tensors: a second intra-op thread only adds synchronisation (20 ms per
-    # quantized tensor instead of microseconds on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("quantization") / "released"

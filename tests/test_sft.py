@@ -42,15 +42,6 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: one intra-op thread avoids oversubscription stalls (and is plenty for a tiny model)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_base(directory, **overrides):
     """A tiny random DeepSeekMoE (released layout) + tiny tokenizer with the DeepSeek chat template. Weights are drawn
     with std 0.1 (not 0.02) so that a frozen random LM head leaves a LoRA-only run room to lower the loss."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from .data import EncodedSample
 from .hooks import moe_blocks, routing_override, without_shared_experts
-from .options import ABLATION_MODES, DEFAULT_RATIOS, experts_for_ratio, parse_ratios  # noqa: F401  (re-exported)
+from .options import ABLATION_MODES, DEFAULT_RATIOS, experts_for_ratio
 from .passes import LossResult, evaluate_loss
 from .statistics import RoutingStatistics
 
