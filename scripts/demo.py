@@ -163,7 +163,7 @@ def _run_demo(output_dir: Path, seed: int, settings: DemoSettings) -> DemoResult
     adapter_dir = output_dir / "esft" / "adapter"
     esft_argv = ["--model_name_or_path", str(sft_dir), "--dataset_name", str(esft_data),
                  "--expert_config", str(output_dir / "esft" / "expert_config.json")]
-    run_esft(*parse_esft_args(esft_argv + _training_flags(adapter_dir, settings.esft_steps, 2e-3, seed)))
+    run_esft(*parse_esft_args(esft_argv + _training_flags(adapter_dir, settings.esft_steps, 5e-4, seed)))
     cards.append(adapter_dir / "README.md")
     merged_dir = merge_esft_adapter(sft_dir, adapter_dir, output_dir / "esft" / "merged", overwrite=True)
     esft = apply_esft_adapter(AutoModelForCausalLM.from_pretrained(sft_dir), adapter_dir).eval()
