@@ -43,6 +43,7 @@ import torch
 import transformers
 from peft import get_peft_model
 
+from moe_block import cpu_model  # noqa: E402  (a sibling script: benchmarks/ is on sys.path when run)
 from deepseekmoe.finetune.esft.adapter import ADAPTER_WEIGHTS_FILE, save_esft_adapter
 from deepseekmoe.finetune.esft.experts import prepare_esft_model, unwrap_esft_model
 from deepseekmoe.finetune.esft.scoring import score_experts
@@ -546,16 +547,6 @@ def write_report(results: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -702,7 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "generated": time.strftime("%Y-%m-%d %H:%M %Z"),
         "environment": {
-            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
         },  # fmt: skip

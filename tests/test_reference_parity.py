@@ -235,3 +235,13 @@ def test_bf16_eval_block_close_to_reference():
         expected, actual = reference(hidden), block(hidden)
     assert actual.dtype == torch.bfloat16
     torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_sorted_loop_handles_zero_tokens(training):
+    block = make_block(tiny_config(), "sorted_loop").train(training)
+    hidden = torch.randn(1, 0, 32, requires_grad=True)
+    out = block(hidden)
+    assert out.shape == hidden.shape
+    if training:
+        out.sum().backward()
