@@ -75,6 +75,12 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed samples per case (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per case")
     parser.add_argument("--min-sample-seconds", type=float, default=0.05)
+    parser.add_argument(
+        "--long-call-seconds",
+        type=float,
+        default=20.0,
+        help="a warmup call longer than this is kept as the first timed sample (saves minutes in slow bf16 cases)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -240,12 +246,22 @@ class Case:
         return elapsed
 
 
-def measure(cases: list[Case], warmup: int, repeats: int, min_sample_seconds: float) -> None:
+def measure(cases: list[Case], warmup: int, repeats: int, min_sample_seconds: float, long_call_seconds: float) -> None:
+    """Warmup, then `repeats` samples per case taken round-robin. A first call longer than `long_call_seconds`
+    (minutes-long bf16 cases on CPUs without bf16 GEMM kernels) is kept as the first sample instead of repeated."""
     for case in cases:
+        if case.mode == "train":
+            case.module.zero_grad(set_to_none=True)
+        synchronize(case.device)
         start = time.perf_counter()
         case.call(keep_output=True)
         synchronize(case.device)
         first = time.perf_counter() - start
+        if case.mode == "train":
+            case.module.zero_grad(set_to_none=True)
+        if first > long_call_seconds:
+            case.samples.append(first)
+            continue
         for _ in range(max(0, warmup - 1)):
             case.call()
         case.inner = max(1, min(50, math.ceil(min_sample_seconds / max(first, 1e-6))))
@@ -253,14 +269,15 @@ def measure(cases: list[Case], warmup: int, repeats: int, min_sample_seconds: fl
             case.module.zero_grad(set_to_none=True)
     for _ in range(repeats):  # round-robin: load changes hit every implementation alike
         for case in cases:
-            case.samples.append(case.timed_sample())
+            if len(case.samples) < repeats:
+                case.samples.append(case.timed_sample())
     gc.collect()
 
 
 # --- main loop --------------------------------------------------------------------------------------------------
 
 
-def run(args) -> dict:
+def run(args, on_progress=None) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -291,7 +308,7 @@ def run(args) -> dict:
                         continue
                     cases.append(Case(implementation, block, implementation, mode, hidden, grad_out, device))
                 load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-                measure(cases, args.warmup, args.repeats, args.min_sample_seconds)
+                measure(cases, args.warmup, args.repeats, args.min_sample_seconds, args.long_call_seconds)
                 load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 ref_case = cases[0] if reference is not None else None
                 for case in cases:
@@ -328,10 +345,16 @@ def run(args) -> dict:
                     print(f"  {dtype_name} {mode:9s} N={tokens:5d} {implementation:11s} skipped: {why}", flush=True)
                 for case in cases:
                     case.output = None
+                if on_progress is not None:
+                    on_progress(make_report(device, config, macs, args, results))
         del block, reference
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return make_report(device, config, macs, args, results)
+
+
+def make_report(device, config, macs, args, results) -> dict:
     return {
         "environment": environment(device),
         "device": device.type,
@@ -345,7 +368,13 @@ def run(args) -> dict:
             "seq_aux": config.seq_aux,
         },
         "macs_per_token": macs,
-        "settings": {"repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "batch": 1},
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "long_call_seconds": args.long_call_seconds,
+            "seed": args.seed,
+            "batch": 1,
+        },
         "results": results,
     }
 
@@ -404,10 +433,12 @@ def to_markdown(report: dict) -> str:
         f"- device: {env['device_name']}" + (f" (ISA: {env['cpu_isa']})" if not cuda else f", CUDA {env.get('cuda')}"),
         f"- torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, "
         f"{env['threads']} torch threads ({env['cpu_count']} CPUs)",
-        f"- timings: medians of {report['settings']['repeats']} samples per case (after "
-        f"{report['settings']['warmup']} warmup call), samples taken round-robin over the implementations; a sample "
-        "of a short case repeats the call until it lasts >= 50 ms. `load` is the 1-minute load average before/after "
-        "the case (the machine is shared: numbers taken at a load well above the thread count are noisy).",
+        f"- timings: medians of up to {report['settings']['repeats']} samples per case (`n`), after "
+        f"{report['settings']['warmup']} warmup call, samples taken round-robin over the implementations; a sample "
+        "of a short case repeats the call until it lasts >= 50 ms; a first call longer than "
+        f"{report['settings'].get('long_call_seconds', 20):.0f} s is kept as a sample. `load` is the 1-minute load "
+        "average before/after the case (the machine is shared: numbers taken at a load well above the thread count "
+        "are noisy).",
         "- `auto` is our default; on CPU it dispatches to `sorted_loop` (on CUDA to `grouped_mm`).",
         f"- model FLOPs: MACs/token = K*3*H*I + 3*H*S + H*E = {macs['routed'] / 1e6:.1f}M + {macs['shared'] / 1e6:.1f}M"
         f" + {macs['router'] / 1e6:.2f}M = {macs['total'] / 1e6:.1f}M; forward = 2*N*MACs, forward+backward = "
@@ -422,8 +453,8 @@ def to_markdown(report: dict) -> str:
     rows = report["results"]
     for dtype in [d for d in DTYPES if any(r["dtype"] == d for r in rows)]:
         out += [f"## {dtype}", ""]
-        header = "| mode | N | implementation | median ms | tokens/s | speedup vs reference | model GFLOP/s |"
-        sep = "|---|---:|---|---:|---:|---:|---:|"
+        header = "| mode | N | implementation | median ms | n | tokens/s | speedup vs reference | model GFLOP/s |"
+        sep = "|---|---:|---|---:|---:|---:|---:|---:|"
         if cuda and dtype == "bf16":
             header += " % of 989 TFLOP/s |"
             sep += "---:|"
@@ -437,7 +468,7 @@ def to_markdown(report: dict) -> str:
             for r in selected:
                 label = "fwd+bwd" if mode == "train" else ("decode" if r["tokens"] == 1 else "prefill")
                 if "skipped" in r:
-                    cells = [label, str(r["tokens"]), r["implementation"], "skipped", "", "", ""]
+                    cells = [label, str(r["tokens"]), r["implementation"], "skipped", "", "", "", ""]
                     if cuda and dtype == "bf16":
                         cells.append("")
                     cells += [r["skipped"], ""]
@@ -448,6 +479,7 @@ def to_markdown(report: dict) -> str:
                         str(r["tokens"]),
                         f"**{r['implementation']}**" if r["implementation"] == "auto" else r["implementation"],
                         f"{r['median_s'] * 1e3:.1f}",
+                        str(len(r["samples_s"])),
                         f"{r['tokens_per_s']:.1f}",
                         "" if speed is None else f"{speed:.2f}x",
                         f"{r['model_tflops'] * 1e3:.1f}",
@@ -472,17 +504,21 @@ def main(argv=None) -> int:
         return 0
     output = Path(args.output) if args.output else REPO_ROOT / "benchmarks" / "results" / f"moe_block_{args.device}.md"
     json_path = output.with_suffix(".json")
-    if args.render_only:
-        report = json.loads(json_path.read_text())
-    else:
-        report = run(args)
-    if args.notes:
-        report["notes"] = Path(args.notes).read_text()
-    if args.merge and json_path.exists() and not args.render_only:
-        report = merge_reports(json.loads(json_path.read_text()), report)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    output.write_text(to_markdown(report) + "\n")
+    previous = json.loads(json_path.read_text()) if json_path.exists() and (args.merge or args.render_only) else None
+    notes = Path(args.notes).read_text() if args.notes else None
+
+    def save(report):
+        if notes is not None:
+            report["notes"] = notes
+        if previous is not None and report is not previous:
+            report = merge_reports(previous, report)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+        output.write_text(to_markdown(report) + "\n")
+        return report
+
+    # Results are saved after every case, so an interrupted run keeps what it measured.
+    report = save(previous if args.render_only else run(args, on_progress=save))
     print("\n".join(target_lines(report)))
     print(f"wrote {output} and {json_path}")
     return 0
