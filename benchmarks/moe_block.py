@@ -405,9 +405,13 @@ def target_lines(report: dict) -> list[str]:
         for dtype in sorted({row["dtype"] for row in report["results"]}):
             checks = []
             train = rows.get((dtype, "train", 1024, impl))
-            if train and "speedup_vs_reference" in train and dtype == "bf16":
-                ok = train["speedup_vs_reference"] >= 2.0
-                checks.append(f"train N=1024 x{train['speedup_vs_reference']:.2f} (target >= 2): {'MET' if ok else 'NOT MET'}")
+            if train and "speedup_vs_reference" in train:
+                speedup = train["speedup_vs_reference"]
+                if dtype == "bf16":
+                    verdict = "MET" if speedup >= 2.0 else "NOT MET"
+                    checks.append(f"train N=1024 x{speedup:.2f} (target >= 2): {verdict}")
+                else:
+                    checks.append(f"train N=1024 x{speedup:.2f} (the >= 2 target is stated for bf16)")
             for (d, mode, tokens, i), row in sorted(rows.items()):
                 if d == dtype and i == impl and mode == "inference" and "speedup_vs_reference" in row:
                     what = "decode N=1" if tokens == 1 else f"prefill N={tokens}"

@@ -245,3 +245,51 @@ def test_sorted_loop_handles_zero_tokens(training):
     assert out.shape == hidden.shape
     if training:
         out.sum().backward()
+
+
+def test_sorted_loop_non_silu_activation_gradients_match_eager():
+    """The closed-form SwiGLU backward only covers SiLU; another activation takes the autograd fallback."""
+    config = tiny_config(hidden_act="gelu", aux_loss_alpha=0.0)
+    gen = torch.Generator().manual_seed(3)
+    hidden, grad_seed = torch.randn(2, 5, config.hidden_size, generator=gen), torch.randn(2, 5, 32, generator=gen)
+    results = {}
+    for implementation in ("eager", "sorted_loop"):
+        block = make_block(tiny_config(hidden_act="gelu", aux_loss_alpha=0.0), implementation).train()
+        out, dx = _train_step(block, hidden, grad_seed)
+        results[implementation] = (out, dx, _block_grads(block))
+    out, dx, grads = results["sorted_loop"]
+    assert_close(out, results["eager"][0], "gelu output")
+    assert_close(dx, results["eager"][1], "gelu input gradient")
+    for name, expected in results["eager"][2].items():
+        assert_close(grads[name], expected, f"gelu grad of {name}")
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+def test_sorted_loop_bf16_training_matches_fp32(monkeypatch, emulated):
+    """bf16 training through both CPU matmul paths: native bf16 GEMMs, and (where the CPU only emulates them) fp32
+    GEMMs on upcast operands for experts with enough rows. Both must track the fp32 computation to bf16 precision."""
+    from modeling_deepseekmoe import modeling_deepseekmoe as modeling
+
+    monkeypatch.setattr(modeling, "_emulates_low_precision_matmul", lambda dtype: emulated and dtype == torch.bfloat16)
+    config = tiny_config(n_routed_experts=16, num_experts_per_tok=4, aux_loss_alpha=0.0)
+    gen = torch.Generator().manual_seed(7)
+    hidden, grad_seed = torch.randn(2, 20, config.hidden_size, generator=gen), torch.randn(2, 20, 32, generator=gen)
+    fp32 = make_block(config, "eager", seed=2).train()
+    bf16_config = tiny_config(n_routed_experts=16, num_experts_per_tok=4, aux_loss_alpha=0.0)
+    bf16 = make_block(bf16_config, "sorted_loop", seed=2).to(torch.bfloat16).train()
+    with torch.no_grad():
+        rows = torch.bincount(bf16.gate(hidden.reshape(-1, 32).bfloat16())[3].reshape(-1), minlength=16)
+    # Some experts above the upcast threshold and some below, so both branches run.
+    assert (rows >= modeling._UPCAST_MIN_ROWS).any() and ((rows > 0) & (rows < modeling._UPCAST_MIN_ROWS)).any()
+    out32, dx32 = _train_step(fp32, hidden, grad_seed)
+    out16, dx16 = _train_step(bf16, hidden.bfloat16(), grad_seed.bfloat16())
+    assert out16.dtype == dx16.dtype == torch.bfloat16
+
+    def check(actual, expected, what):
+        scale = expected.abs().max()
+        torch.testing.assert_close(actual.float() / scale, expected / scale, atol=3e-2, rtol=0, msg=what)
+
+    check(out16, out32, "output")
+    check(dx16, dx32, "input gradient")
+    for name, expected in _block_grads(fp32).items():
+        check(_block_grads(bf16)[name], expected, f"grad of {name}")
