@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import _grouped_mm
 
+from modeling_deepseekmoe.modeling_deepseekmoe import hit_expert_bounds
+
 
 # project(which, rows, counts) -> projected rows; `which` is "gate_up" or "down", rows are sorted by expert and
 # `counts` [E] says how many rows each expert has.
@@ -33,16 +35,6 @@ def sorted_experts_forward(
     unsorted = torch.empty_like(weighted)
     unsorted[order] = weighted
     return unsorted.view(num_tokens, top_k, hidden_states.shape[-1]).sum(dim=1).to(hidden_states.dtype)
-
-
-def hit_expert_bounds(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) of every expert with rows."""
-    bounds, start = [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            bounds.append((expert, start, start + count))
-        start += count
-    return bounds
 
 
 def looped_projection(

@@ -426,6 +426,16 @@ class _SortedExpertsFunction(torch.autograd.Function):
         return grad_hidden, None, grad_row_weight, grad_gate_up, grad_down, None, None, None
 
 
+def hit_expert_bounds(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every expert with rows, for rows sorted by expert with `counts` per expert."""
+    bounds, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            bounds.append((expert, start, start + count))
+        start += count
+    return bounds
+
+
 def sorted_loop_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -437,12 +447,7 @@ def sorted_loop_experts_forward(
     top_k = top_k_index.shape[-1]
     flat_experts = top_k_index.reshape(-1)
     order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-    bounds, start = [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            bounds.append((expert, start, start + count))
-        start += count
+    bounds = hit_expert_bounds(torch.bincount(flat_experts, minlength=self.num_experts).tolist())
     row_weight = top_k_weights.reshape(-1)[order]
     return _SortedExpertsFunction.apply(
         hidden_states,
