@@ -332,19 +332,22 @@ def _gated_activation(act_fn: Callable, gate_up: torch.Tensor) -> torch.Tensor:
     return act_fn(gate) * up
 
 
-def _gated_activation_backward(act_fn: Callable, gate_up: torch.Tensor, grad_activated: torch.Tensor) -> torch.Tensor:
-    """Gradient of `act_fn(gate) * up` with respect to `gate_up` ([rows, 2I]), closed form for SiLU."""
-    if not isinstance(act_fn, (nn.SiLU, SiLUActivation)):
-        with torch.enable_grad():
-            gate_up = gate_up.detach().requires_grad_(True)
-            activated = _gated_activation(act_fn, gate_up)
-        return torch.autograd.grad(activated, gate_up, grad_activated)[0]
+def _gated_activation_backward(
+    act_fn: Callable, gate_up: torch.Tensor, gate_act: torch.Tensor, grad_activated: torch.Tensor
+) -> torch.Tensor:
+    """Gradient of `act_fn(gate) * up` with respect to `gate_up` ([rows, 2I]), given `gate_act = act_fn(gate)`;
+    closed form for SiLU, autograd through `act_fn` otherwise."""
     gate, up = gate_up.chunk(2, dim=-1)
     grad = torch.empty_like(gate_up)
     grad_gate, grad_up = grad.chunk(2, dim=-1)
-    torch.mul(grad_activated, F.silu(gate), out=grad_up)
+    torch.mul(grad_activated, gate_act, out=grad_up)
     torch.mul(grad_activated, up, out=grad_gate)
-    torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+    if isinstance(act_fn, (nn.SiLU, SiLUActivation)):
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+    else:
+        with torch.enable_grad():
+            gate = gate.detach().requires_grad_(True)
+            grad_gate.copy_(torch.autograd.grad(act_fn(gate), gate, grad_gate)[0])
     return grad
 
 
@@ -406,7 +409,9 @@ class _SortedExpertsFunction(torch.autograd.Function):
         for (expert, start, end), states, gate_up in zip(bounds, expert_inputs, expert_gate_ups):
             tokens, weight = row_token[start:end], row_weight[start:end, None].to(dtype)
             grad_rows = grad_output.index_select(0, tokens)
-            activated = _gated_activation(ctx.act_fn, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            gate_act = ctx.act_fn(gate)
+            activated = gate_act * up
             grad_activated = torch.empty_like(activated)
             _mm_into(grad_activated, grad_rows, down_proj[expert], emulated)
             if need_weight:  # d loss / d weight = <grad of the weighted row, unweighted row>
@@ -414,7 +419,7 @@ class _SortedExpertsFunction(torch.autograd.Function):
             grad_activated.mul_(weight)
             if need_down:
                 _mm_into(grad_down[expert], grad_rows.mul_(weight).t(), activated, emulated)
-            grad_gate_up_rows = _gated_activation_backward(ctx.act_fn, gate_up, grad_activated)
+            grad_gate_up_rows = _gated_activation_backward(ctx.act_fn, gate_up, gate_act, grad_activated)
             if need_gate_up:
                 _mm_into(grad_gate_up[expert], grad_gate_up_rows.t(), states, emulated)
             if need_hidden:
