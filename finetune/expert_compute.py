@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import _grouped_mm
 
-from modeling_deepseekmoe.modeling_deepseekmoe import hit_expert_bounds
+from modeling_deepseekmoe.experts_kernels import hit_expert_bounds
 
 
 # project(which, rows, counts) -> projected rows; `which` is "gate_up" or "down", rows are sorted by expert and

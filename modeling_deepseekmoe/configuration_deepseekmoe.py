@@ -45,7 +45,7 @@ class DeepseekMoEConfig(PreTrainedConfig):
     """
 
     model_type = "deepseek"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache output before / from transformers 5.24
 
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",

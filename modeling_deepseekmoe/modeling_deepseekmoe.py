@@ -4,7 +4,7 @@ Numerics follow the released remote code: bf16 router logits and softmax (no fp3
 renormalisation unless `norm_topk_prob`, shared experts added unweighted, RMSNorm cast-then-weight, RoPE tables in
 the activation dtype, fp32 logits, and the expert-balance loss injected into the gradient inside every MoE layer.
 Routed experts are stored fused (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) and run through transformers'
-experts interface; see `sorted_loop_experts_forward` and `auto_experts_forward` for the implementations added here.
+experts interface; the implementations added here (`"sorted_loop"`, `"auto"`) live in `experts_kernels.py`.
 """
 
 import functools
@@ -16,22 +16,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN, SiLUActivation
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import ExpertsInterface, _can_use_grouped_mm, grouped_mm_experts_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from . import experts_kernels  # noqa: F401  (registers the "sorted_loop" and "auto" experts implementations)
 from .checkpoint import validate_checkpoint
 from .configuration_deepseekmoe import DeepseekMoEConfig
+
+
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache` (the old name is
+# deprecated there, "to be removed in 5.40"); earlier 5.x releases only know `past_key_values`, and their `generate`
+# passes the cache under that name. The forwards take `cache`, and the outputs use the name of the installed release.
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def accepts_past_key_values(forward: Callable) -> Callable:
+    """Let a forward that takes `cache` also take `past_key_values`: deprecated (as in-tree models do) on releases
+    that renamed it, silently where it is still the current name."""
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def forward_with_current_name(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(*args, **kwargs)
+
+    return forward_with_current_name
 
 
 # The released tokenizer has 100015 tokens for the 102400 embedding rows; the rest are padding never to be generated.
@@ -156,7 +178,7 @@ class DeepseekMoEAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -167,8 +189,8 @@ class DeepseekMoEAttention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -296,188 +318,6 @@ class AddAuxiliaryLoss(torch.autograd.Function):
         return grad_output, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=grad_output.device)
 
 
-# On CPUs that emulate low-precision GEMMs, a forward bf16/fp16 expert matmul (`x @ W.t()`) beats upcasting the
-# expert's weight to fp32 below this many rows (measured at the 16B dims, AVX2, 2 threads: crossover between 8 and
-# 16 rows). The backward always upcasts: there the emulated kernels are slower at any row count (`g @ W` with a
-# row-major `W` by 6-40x, the weight-gradient GEMMs by 1.3-7x).
-_UPCAST_MIN_ROWS = 8
-
-
-@functools.cache
-def _emulates_low_precision_matmul(dtype: torch.dtype) -> bool:
-    """True for bf16/fp16 on x86 CPUs without bf16 (AVX512-BF16 / AMX) or fp16 (AMX-FP16) matmul instructions.
-
-    There oneDNN emulates those GEMMs; an fp32 GEMM on upcast operands (exact products, the same fp32 accumulation,
-    rounded back once) measured 5-40x faster for expert-sized matmuls. Other CPUs are not measured: left native.
-    """
-    if dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    if dtype == torch.bfloat16:
-        return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return not torch.cpu._is_amx_fp16_supported()
-
-
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, upcast: bool) -> None:
-    """out = a @ b, computed in fp32 and rounded into `out` when `upcast`."""
-    if upcast:
-        out.copy_(torch.mm(a.float(), b.float()))
-    else:
-        torch.mm(a, b, out=out)
-
-
-def _gated_activation(act_fn: Callable, gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return act_fn(gate) * up
-
-
-def _gated_activation_backward(
-    act_fn: Callable, gate_up: torch.Tensor, gate_act: torch.Tensor, grad_activated: torch.Tensor
-) -> torch.Tensor:
-    """Gradient of `act_fn(gate) * up` with respect to `gate_up` ([rows, 2I]), given `gate_act = act_fn(gate)`;
-    closed form for SiLU, autograd through `act_fn` otherwise."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    grad = torch.empty_like(gate_up)
-    grad_gate, grad_up = grad.chunk(2, dim=-1)
-    torch.mul(grad_activated, gate_act, out=grad_up)
-    torch.mul(grad_activated, up, out=grad_gate)
-    if isinstance(act_fn, (nn.SiLU, SiLUActivation)):
-        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-    else:
-        with torch.enable_grad():
-            gate = gate.detach().requires_grad_(True)
-            grad_gate.copy_(torch.autograd.grad(act_fn(gate), gate, grad_gate)[0])
-    return grad
-
-
-def _expert_grad_buffer(weight: torch.Tensor, bounds: list[tuple[int, int, int]]) -> torch.Tensor:
-    """A gradient buffer for a fused expert weight: uninitialised for the hit experts (the caller writes each of their
-    slices whole), zero for the others."""
-    grad = torch.empty_like(weight)
-    hit = {expert for expert, _, _ in bounds}
-    for expert in range(weight.shape[0]):
-        if expert not in hit:
-            grad[expert].zero_()
-    return grad
-
-
-class _SortedExpertsFunction(torch.autograd.Function):
-    """The routed experts, one hit expert at a time over its (token, slot) rows (found by one sort by expert): gather
-    the tokens, SwiGLU, scale by the routing weight, add back into the tokens.
-
-    One autograd function, so that the backward writes each expert's weight gradient straight into one buffer per
-    fused weight (no per-slice full-size gradients) and recomputes the activation instead of keeping it. Every
-    temporary is per expert: on CPU, fresh pages for large temporaries cost more than the arithmetic on them, while
-    small blocks are recycled by the allocator.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden_states, row_token, row_weight, gate_up_proj, down_proj, bounds, act_fn, keep_activations):
-        dtype = gate_up_proj.dtype
-        emulated = _emulates_low_precision_matmul(dtype) and hidden_states.device.type == "cpu"
-        output = hidden_states.new_zeros(hidden_states.shape, dtype=dtype)
-        expert_inputs, expert_gate_ups = [], []
-        for expert, start, end in bounds:
-            upcast = emulated and end - start >= _UPCAST_MIN_ROWS
-            tokens = row_token[start:end]
-            states = hidden_states.index_select(0, tokens).to(dtype)
-            gate_up = states.new_empty(end - start, gate_up_proj.shape[1])
-            _mm_into(gate_up, states, gate_up_proj[expert].t(), upcast)
-            rows = states.new_empty(end - start, down_proj.shape[1])
-            _mm_into(rows, _gated_activation(act_fn, gate_up), down_proj[expert].t(), upcast)
-            # Rows are sorted by expert: each token's slots are added in increasing expert order, as in "eager".
-            output.index_add_(0, tokens, rows.mul_(row_weight[start:end, None].to(dtype)))
-            if keep_activations:  # otherwise freed at once, so the next expert reuses the same memory
-                expert_inputs.append(states)
-                expert_gate_ups.append(gate_up)
-        ctx.save_for_backward(row_token, row_weight, gate_up_proj, down_proj, *expert_inputs, *expert_gate_ups)
-        ctx.bounds, ctx.act_fn, ctx.emulated, ctx.hidden_dtype = bounds, act_fn, emulated, hidden_states.dtype
-        return output.to(hidden_states.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        row_token, row_weight, gate_up_proj, down_proj, *per_expert = ctx.saved_tensors
-        bounds, emulated, dtype = ctx.bounds, ctx.emulated, gate_up_proj.dtype
-        expert_inputs, expert_gate_ups = per_expert[: len(bounds)], per_expert[len(bounds) :]
-        need_hidden, _, need_weight, need_gate_up, need_down = ctx.needs_input_grad[:5]
-        grad_output = grad_output.to(dtype)
-        grad_hidden = grad_output.new_zeros(grad_output.shape) if need_hidden else None
-        grad_row_weight = torch.empty_like(row_weight) if need_weight else None
-        grad_gate_up = _expert_grad_buffer(gate_up_proj, bounds) if need_gate_up else None
-        grad_down = _expert_grad_buffer(down_proj, bounds) if need_down else None
-        for (expert, start, end), states, gate_up in zip(bounds, expert_inputs, expert_gate_ups):
-            tokens, weight = row_token[start:end], row_weight[start:end, None].to(dtype)
-            grad_rows = grad_output.index_select(0, tokens)
-            gate, up = gate_up.chunk(2, dim=-1)
-            gate_act = ctx.act_fn(gate)
-            activated = gate_act * up
-            grad_activated = torch.empty_like(activated)
-            _mm_into(grad_activated, grad_rows, down_proj[expert], emulated)
-            if need_weight:  # d loss / d weight = <grad of the weighted row, unweighted row>
-                grad_row_weight[start:end] = torch.linalg.vecdot(grad_activated, activated)
-            grad_activated.mul_(weight)
-            if need_down:
-                _mm_into(grad_down[expert], grad_rows.mul_(weight).t(), activated, emulated)
-            grad_gate_up_rows = _gated_activation_backward(ctx.act_fn, gate_up, gate_act, grad_activated)
-            if need_gate_up:
-                _mm_into(grad_gate_up[expert], grad_gate_up_rows.t(), states, emulated)
-            if need_hidden:
-                grad_states = torch.empty_like(states)
-                _mm_into(grad_states, grad_gate_up_rows, gate_up_proj[expert], emulated)
-                grad_hidden.index_add_(0, tokens, grad_states)
-        if need_hidden:
-            grad_hidden = grad_hidden.to(ctx.hidden_dtype)
-        return grad_hidden, None, grad_row_weight, grad_gate_up, grad_down, None, None, None
-
-
-def hit_expert_bounds(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) of every expert with rows, for rows sorted by expert with `counts` per expert."""
-    bounds, start = [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            bounds.append((expert, start, start + count))
-        start += count
-    return bounds
-
-
-def sorted_loop_experts_forward(
-    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """Experts implementation `"sorted_loop"`: sort the (token, slot) pairs by expert, one matmul per hit expert.
-
-    The fastest path measured on CPU (see benchmarks/). It reads the per-expert counts on the host once per layer,
-    so on CUDA `grouped_mm` is used instead (see `auto_experts_forward`).
-    """
-    top_k = top_k_index.shape[-1]
-    flat_experts = top_k_index.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
-    bounds = hit_expert_bounds(torch.bincount(flat_experts, minlength=self.num_experts).tolist())
-    row_weight = top_k_weights.reshape(-1)[order]
-    return _SortedExpertsFunction.apply(
-        hidden_states,
-        order // top_k,
-        row_weight,
-        self.gate_up_proj,
-        self.down_proj,
-        bounds,
-        self.act_fn,
-        torch.is_grad_enabled(),
-    )
-
-
-def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """Experts implementation `"auto"` (the default): the fastest measured path per device, `grouped_mm` on GPUs that
-    support it (no host sync, CUDA-graph and compile friendly), `sorted_loop` elsewhere."""
-    if hidden_states.device.type == "cuda" and _can_use_grouped_mm(hidden_states, self.gate_up_proj, top_k_index):
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    return sorted_loop_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-
-
-ExpertsInterface.register("sorted_loop", sorted_loop_experts_forward)
-ExpertsInterface.register("auto", auto_experts_forward)
-
-
 @use_experts_implementation
 class DeepseekMoEExperts(nn.Module):
     """The routed experts of one layer, fused: `gate_up_proj [E, 2I, H]` (gate rows first) and `down_proj [E, H, I]`.
@@ -555,7 +395,7 @@ class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         aux_segments: AuxLossSegments | None = None,
@@ -567,7 +407,7 @@ class DeepseekMoEDecoderLayer(GradientCheckpointingLayer):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -589,7 +429,7 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeepseekMoEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -679,12 +519,13 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -693,8 +534,8 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         aux_segments = None
         if self.training and self.config.aux_loss_alpha > 0:
@@ -702,17 +543,12 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
                 self.config, *inputs_embeds.shape[:2], inputs_embeds.device, attention_mask, position_ids
             )
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        # The cache goes by position: its keyword is `past_key_values` before transformers 5.24, `cache` from 5.24 on.
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -720,16 +556,14 @@ class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 aux_segments=aux_segments,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
-        )
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache if use_cache else None})
 
 
 def router_aux_loss(
@@ -792,12 +626,13 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
         return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
 
     @can_return_tuple
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -818,7 +653,7 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -842,7 +677,7 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, StaticCache
+from transformers import AutoModelForSequenceClassification, DynamicCache, StaticCache
 
 from modeling_deepseekmoe import DeepseekMoEForCausalLM, DeepseekMoEForSequenceClassification
-from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoESparseMoeBlock
+from modeling_deepseekmoe.modeling_deepseekmoe import CACHE_NAME, DeepseekMoESparseMoeBlock
 
 from conftest import tiny_config
 
@@ -72,8 +72,30 @@ def test_static_cache_generation_equals_dynamic_cache():
     static = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert torch.equal(dynamic, static)
     cache = StaticCache(config=model.config, max_cache_len=16)
-    out = model(prompt, past_key_values=cache, use_cache=True)
+    out = model(prompt, cache=cache, use_cache=True)
     torch.testing.assert_close(out.logits, model(prompt).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_read_under_both_names_and_generate_warns_about_neither(recwarn, caplog):
+    """`cache` (transformers >= 5.24) and `past_key_values` (before) both reach the attention layers; generating and
+    the forward's own calls (create_causal_mask) print no deprecation on the installed release."""
+    model = make_model()
+    prompt, step = random_ids(1, 5), random_ids(1, 1, seed=7)
+    full = model(torch.cat([prompt, step], dim=1)).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        first = model(prompt, use_cache=True)
+        past = getattr(first, CACHE_NAME)
+        assert past is not None and past.get_seq_length() == 5
+        out = model(step, use_cache=True, **{name: past})
+        torch.testing.assert_close(out.logits[:, -1], full, atol=1e-5, rtol=1e-5)
+        assert getattr(out, CACHE_NAME).get_seq_length() == 6
+    recwarn.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="transformers"):
+        model.generate(prompt, max_new_tokens=3, do_sample=False)
+        model(prompt, use_cache=True, cache=DynamicCache(config=model.config))
+    messages = [str(w.message) for w in recwarn] + [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "past_key_values" in m or "deprecated" in m.lower()], messages
 
 
 def test_left_padded_batch_equals_unpadded_rows():

@@ -268,9 +268,9 @@ def test_sorted_loop_non_silu_activation_gradients_match_eager():
 def test_sorted_loop_bf16_training_matches_fp32(monkeypatch, emulated):
     """bf16 training through both CPU matmul paths: native bf16 GEMMs, and (where the CPU only emulates them) fp32
     GEMMs on upcast operands for experts with enough rows. Both must track the fp32 computation to bf16 precision."""
-    from modeling_deepseekmoe import modeling_deepseekmoe as modeling
+    from modeling_deepseekmoe import experts_kernels as kernels
 
-    monkeypatch.setattr(modeling, "_emulates_low_precision_matmul", lambda dtype: emulated and dtype == torch.bfloat16)
+    monkeypatch.setattr(kernels, "_emulates_low_precision_matmul", lambda dtype: emulated and dtype == torch.bfloat16)
     config = tiny_config(n_routed_experts=16, num_experts_per_tok=4, aux_loss_alpha=0.0)
     gen = torch.Generator().manual_seed(7)
     hidden, grad_seed = torch.randn(2, 20, config.hidden_size, generator=gen), torch.randn(2, 20, 32, generator=gen)
@@ -280,7 +280,7 @@ def test_sorted_loop_bf16_training_matches_fp32(monkeypatch, emulated):
     with torch.no_grad():
         rows = torch.bincount(bf16.gate(hidden.reshape(-1, 32).bfloat16())[3].reshape(-1), minlength=16)
     # Some experts above the upcast threshold and some below, so both branches run.
-    assert (rows >= modeling._UPCAST_MIN_ROWS).any() and ((rows > 0) & (rows < modeling._UPCAST_MIN_ROWS)).any()
+    assert (rows >= kernels._UPCAST_MIN_ROWS).any() and ((rows > 0) & (rows < kernels._UPCAST_MIN_ROWS)).any()
     out32, dx32 = _train_step(fp32, hidden, grad_seed)
     out16, dx16 = _train_step(bf16, hidden.bfloat16(), grad_seed.bfloat16())
     assert out16.dtype == dx16.dtype == torch.bfloat16
