@@ -75,6 +75,13 @@ def _footprint(args: argparse.Namespace) -> None:
     print_footprint(load_config(args.config))
 
 
+def _env(args: argparse.Namespace) -> None:
+    from modeling_deepseekmoe.environment import collect_environment, format_environment
+
+    report = collect_environment()
+    print(json.dumps(report, indent=2) if args.json else format_environment(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseekmoe", description="DeepSeekMoE tools for the HF ecosystem.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     footprint = commands.add_parser("footprint", help="bytes per component in bf16, 8-bit and 4-bit")
     footprint.add_argument("--config", default=None, help="a config.json or checkpoint dir (default: the 16B)")
     footprint.set_defaults(func=_footprint)
+
+    env = commands.add_parser("env", help="versions, CPU/GPU capabilities and kernel paths, for bug reports")
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.set_defaults(func=_env)
 
     from deepseekmoe.eval.analysis.cli import add_analyze_parser
     from deepseekmoe.eval.cli import add_eval_parser

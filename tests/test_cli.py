@@ -8,7 +8,7 @@ from deepseekmoe.cli import main
 
 SUBCOMMANDS = [
     ["demo"], ["convert"], ["chat"], ["generate"], ["footprint"], ["sft"], ["merge"], ["esft"],
-    ["esft", "score"], ["esft", "select"], ["esft", "train"], ["esft", "merge"], ["eval"], ["analyze"],
+    ["esft", "score"], ["esft", "select"], ["esft", "train"], ["esft", "merge"], ["eval"], ["analyze"], ["env"],
 ]
 
 
@@ -61,3 +61,18 @@ def test_the_installed_command_exits_non_zero_without_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "has no config.json" in result.stderr
+
+
+def test_env_reports_versions_cpu_and_kernel_paths(capsys):
+    import torch
+    import transformers
+
+    assert main(["env", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["transformers"] == transformers.__version__
+    assert report["torch"].startswith(torch.__version__.split("+")[0])
+    for key in ("python", "peft", "trl", "accelerate", "bitsandbytes", "lm_eval", "cpu capability (torch)",
+                "cpu bf16 matmul", "gpu", "experts implementation"):
+        assert report[key], key
+    assert main(["env"]) == 0
+    assert f"- transformers: {transformers.__version__}" in capsys.readouterr().out
