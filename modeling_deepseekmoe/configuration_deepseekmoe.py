@@ -4,7 +4,9 @@ import os
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
 
 
 # The class names that the released config.json and every other engine (vLLM, SGLang, llama.cpp) dispatch on.
@@ -12,7 +14,22 @@ RELEASED_ARCHITECTURE_NAMES = {
     "DeepseekMoEForCausalLM": "DeepseekForCausalLM",
     "DeepseekMoEModel": "DeepseekModel",
 }
+# RoPE variants of the reference implementation: plain, position interpolation, dynamic NTK (no YaRN).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
 SUPPORTED_ROPE_SCALING_TYPES = ("linear", "dynamic")
+DEFAULT_ROPE_THETA = 10000.0
+# Keys every released config.json has and the architecture reads: a config.json without one of them describes some
+# model this config cannot guess (the reference's defaults are a dense 7B, this class's the 16B), so it is refused.
+REQUIRED_CONFIG_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+    "first_k_dense_replace", "moe_layer_freq", "norm_topk_prob", "scoring_func", "hidden_act", "rms_norm_eps",
+    "max_position_embeddings",
+)  # fmt: skip
+POSITIVE_SIZES = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+)  # fmt: skip
 
 
 @strict
@@ -40,7 +57,11 @@ class DeepseekMoEConfig(PreTrainedConfig):
         aux_loss_ignore_padding: leave padding tokens (attention_mask == 0) out of the balance-loss statistics; the
             reference counts them, so this is off by default.
         output_router_logits: return each MoE layer's router logits (and the aux loss value) from `forward`.
-        rope_theta, rope_scaling: RoPE base and optional `{"type": "linear"|"dynamic", "factor": f > 1}`.
+        rope_parameters: RoPE as transformers 5 spells it, `{"rope_type": "default"|"linear"|"dynamic",
+            "rope_theta": base, "factor": f > 1}` (no factor for "default"). The released keys `rope_theta` and
+            `rope_scaling` (`{"type": "linear"|"dynamic", "factor": f}` or null) are accepted too, are attributes
+            derived from `rope_parameters`, and are what `config.json` stores (no `rope_parameters` key), so the
+            reference code and other engines read a saved config unchanged.
         pretraining_tp: kept for compatibility; the reference's tensor-parallel split computes the same product.
     """
 
@@ -101,8 +122,7 @@ class DeepseekMoEConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 100001
     pretraining_tp: int = 1
     tie_word_embeddings: bool = False
-    rope_theta: float | int = 10000.0
-    rope_scaling: dict | None = None
+    rope_parameters: RopeParameters | dict | None = None
     attention_bias: bool = False
     attention_dropout: float | int = 0.0
 
@@ -111,14 +131,31 @@ class DeepseekMoEConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if not self.n_shared_experts:
             self.n_shared_experts = None
-        if isinstance(self.rope_scaling, dict) and "type" not in self.rope_scaling and "rope_type" in self.rope_scaling:
-            # transformers-style {"rope_type": ...} is accepted and written back in the released spelling.
-            scaling = dict(self.rope_scaling)
-            scaling["type"] = scaling.pop("rope_type")
-            self.rope_scaling = scaling
-        # transformers 5 would move these into `rope_parameters`; this config keeps the released keys.
-        kwargs.pop("rope_parameters", None)
+        self.rope_parameters = merged_rope_parameters(
+            self.rope_parameters, kwargs.pop("rope_scaling", None), kwargs.pop("rope_theta", None)
+        )
         super().__post_init__(**kwargs)
+
+    @property
+    def rope_theta(self) -> float:
+        """The released config's RoPE base, `rope_parameters["rope_theta"]`."""
+        return self.rope_parameters["rope_theta"]
+
+    @rope_theta.setter
+    def rope_theta(self, value: float):
+        self.rope_parameters = {**self.rope_parameters, "rope_theta": value}
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        """The released config's spelling of the scaling: `{"type": ..., "factor": ...}`, or None without scaling."""
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type == "default":
+            return None
+        return {"type": rope_type, "factor": self.rope_parameters.get("factor")}
+
+    @rope_scaling.setter
+    def rope_scaling(self, value: dict | None):
+        self.rope_parameters = merged_rope_parameters(None, value or {"rope_type": "default"}, self.rope_theta)
 
     @property
     def torch_dtype(self):
@@ -146,6 +183,18 @@ class DeepseekMoEConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Called by `@strict` at construction: every message names the attribute and how to fix it."""
+        for name in POSITIVE_SIZES:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer (got {getattr(self, name)}).")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0 (got {self.rms_norm_eps}); the released model uses 1e-06.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not an activation transformers knows; the released model uses "
+                "'silu'."
+            )
+        if not 0 <= self.attention_dropout <= 1:
+            raise ValueError(f"attention_dropout must be in [0, 1] (got {self.attention_dropout}).")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
@@ -184,16 +233,48 @@ class DeepseekMoEConfig(PreTrainedConfig):
             raise ValueError(f"n_shared_experts must be >= 0 (got {self.n_shared_experts}); 0 means none.")
         if self.aux_loss_alpha < 0:
             raise ValueError(f"aux_loss_alpha must be >= 0 (got {self.aux_loss_alpha}); 0 disables the aux loss.")
-        if self.rope_scaling is not None:
-            scaling_type = self.rope_scaling.get("type")
-            factor = self.rope_scaling.get("factor")
-            if scaling_type not in SUPPORTED_ROPE_SCALING_TYPES:
-                raise ValueError(
-                    f"rope_scaling type {scaling_type!r} is not supported; use one of {SUPPORTED_ROPE_SCALING_TYPES} "
-                    "(the reference implementation knows no other) or set rope_scaling to null."
-                )
-            if not isinstance(factor, (int, float)) or factor <= 1.0:
-                raise ValueError(f"rope_scaling factor must be a number > 1 (got {factor!r}).")
+
+    def validate_rope(self):
+        """Replaces transformers' RoPE check (which only warns on an unknown type): the types the model implements,
+        and only the keys they read."""
+        rope = self.rope_parameters
+        rope_type, theta, factor = rope.get("rope_type"), rope.get("rope_theta"), rope.get("factor")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES} in rope_parameters "
+                f"(or rope_scaling type {' / '.join(SUPPORTED_ROPE_SCALING_TYPES)}, or null): the reference "
+                "implementation knows no other."
+            )
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+            raise ValueError(f"rope_theta must be a number > 0 (got {theta!r}); the released model uses 10000.")
+        scaled = rope_type != "default"
+        if scaled and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1):
+            raise ValueError(f"rope_scaling factor must be a number > 1 for {rope_type!r} RoPE (got {factor!r}).")
+        unused = sorted(set(rope) - {"rope_type", "rope_theta", "factor", "partial_rotary_factor"})
+        if rope_type == "default" and factor is not None:
+            unused.append("factor")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            unused.append("partial_rotary_factor")
+        if unused:
+            raise ValueError(
+                f"rope_parameters {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by {rope_type!r} "
+                "RoPE over the full head dimension; remove them (read: rope_type, rope_theta, factor)."
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """As in transformers (every `from_pretrained` and `AutoConfig` load comes here), refusing a config.json
+        without one of the keys the architecture depends on (`REQUIRED_CONFIG_KEYS`)."""
+        absent = [key for key in REQUIRED_CONFIG_KEYS if key not in config_dict and key not in kwargs]
+        if "rope_theta" not in config_dict and "rope_parameters" not in config_dict and "rope_theta" not in kwargs:
+            absent.append("rope_theta")
+        if absent:
+            raise ValueError(
+                f"config.json has no {', '.join(absent)}: every DeepSeekMoE config.json states "
+                f"{'it' if len(absent) == 1 else 'them'} (deepseek-moe-16b: {_released_values(absent)}); add the "
+                "checkpoint's value(s) rather than relying on a default."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DeepseekMoEConfig":
@@ -210,12 +291,55 @@ class DeepseekMoEConfig(PreTrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        # Keep the released spelling that vLLM / llama.cpp read: `torch_dtype`, the released class names.
+        # Keep the released spelling that vLLM / llama.cpp read: `rope_theta` / `rope_scaling` (not `rope_parameters`),
+        # `torch_dtype`, the released class names.
+        output.pop("rope_parameters", None)
+        output["rope_theta"], output["rope_scaling"] = self.rope_theta, self.rope_scaling
         if "dtype" in output:
             output["torch_dtype"] = output.pop("dtype")
         if output.get("architectures"):
             output["architectures"] = [RELEASED_ARCHITECTURE_NAMES.get(a, a) for a in output["architectures"]]
         return output
+
+
+def merged_rope_parameters(rope_parameters: dict | None, rope_scaling: dict | None, rope_theta: float | None) -> dict:
+    """One `rope_parameters` dict from the transformers 5 key and the released keys (either may be given, both if they
+    agree): `rope_type` ("type" is its released spelling), `rope_theta` (default 10000.0) and, when scaled, `factor`."""
+    sources = {}
+    for source_name, source in (("rope_parameters", rope_parameters), ("rope_scaling", rope_scaling)):
+        if source is None:
+            continue
+        if not isinstance(source, dict):
+            raise TypeError(f"{source_name} must be a dict or null (got {source!r}).")
+        source = dict(source)
+        if "type" in source:
+            released_type = source.pop("type")
+            if source.setdefault("rope_type", released_type) != released_type:
+                raise ValueError(
+                    f"{source_name} has type={released_type!r} and rope_type={source['rope_type']!r}; keep one."
+                )
+        sources[source_name] = source
+    if rope_theta is not None:
+        sources["rope_theta"] = {"rope_theta": rope_theta}
+    merged = {}
+    for source_name, source in sources.items():
+        for key, value in source.items():
+            if key in merged and merged[key] != value:
+                raise ValueError(
+                    f"RoPE {key} is {merged[key]!r} in one argument and {value!r} in {source_name}; give it once "
+                    "(rope_parameters, or the released rope_scaling / rope_theta)."
+                )
+            merged[key] = value
+    merged.setdefault("rope_type", "default")
+    merged.setdefault("rope_theta", DEFAULT_ROPE_THETA)
+    return merged
+
+
+def _released_values(keys: list[str]) -> str:
+    released = DeepseekMoEConfig.__dataclass_fields__
+    values = {key: released[key].default for key in keys if key in released}
+    values.update({"model_type": DeepseekMoEConfig.model_type, "rope_theta": 10000})
+    return ", ".join(f"{key}={values[key]!r}" for key in keys if key in values)
 
 
 __all__ = ["DeepseekMoEConfig"]

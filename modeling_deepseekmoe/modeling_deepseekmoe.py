@@ -31,7 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from . import experts_kernels  # noqa: F401  (registers the "sorted_loop" and "auto" experts implementations)
-from .checkpoint import validate_checkpoint
+from .checkpoint import BASE_MODEL, CAUSAL_LM, HEAD_TENSORS, kind_of_architectures, validate_checkpoint
 from .configuration_deepseekmoe import DeepseekMoEConfig
 
 
@@ -85,11 +85,13 @@ class DeepseekMoERotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.dim = config.head_dim
-        self.base = float(config.rope_theta)
+        rope = config.rope_parameters
+        self.base = float(rope["rope_theta"])
         self.max_position_embeddings = config.max_position_embeddings
-        scaling = config.rope_scaling or {}
-        self.scaling_type = scaling.get("type")
-        self.scaling_factor = float(scaling.get("factor", 1.0))
+        self.scaling_type = rope.get("rope_type", "default")
+        if self.scaling_type not in ("default", "linear", "dynamic"):
+            raise ValueError(f"rope_type {self.scaling_type!r} is not supported: use 'default', 'linear' or 'dynamic'.")
+        self.scaling_factor = float(rope.get("factor") or 1.0)
         self.inv_freq = nn.Buffer(self.compute_inv_freq(self.base), persistent=False)
 
     def compute_inv_freq(self, base: float | torch.Tensor) -> torch.Tensor:
@@ -458,17 +460,24 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         return super().get_correct_experts_implementation("auto" if requested_experts is None else requested_experts)
 
-    # Head weights a checkpoint of another task may lack (they are then newly initialised, as transformers does).
-    _new_head_keys: tuple[str, ...] = ()
+    # Buffers the reference code saved in old checkpoints; recomputed here, never loaded.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    # The task heads of the family (a checkpoint names them without prefix): the one a class has is newly initialised
+    # when it loads a checkpoint another class saved; the others are dropped. As transformers does, and reports.
+    _new_head_keys: tuple[str, ...] = tuple(HEAD_TENSORS.values())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, strict about the checkpoint: for a local directory the shards, tensor
-        names and shapes are checked against the config first, and a tensor that would be left randomly initialised
-        or ignored is an error (`CheckpointError` / `ValueError` naming it), never a silent random weight."""
+        """`PreTrainedModel.from_pretrained`, strict about the checkpoint. For a local directory the shards, tensor
+        names, shapes and dtypes are checked against the config first (`validate_checkpoint`). Any class of the
+        family loads what any class saved, in the released per-expert layout or transformers' fused one: a head the
+        checkpoint lacks because another class saved it is newly initialised and a head of another task is dropped;
+        any other tensor that would be left random or ignored is an error naming it, and so is a shape mismatch
+        unless `ignore_mismatched_sizes=True` (then the mismatched tensors are re-initialised, as in transformers)."""
         from .quantization import finalize_quantized_experts, is_prequantized, quantized_experts_loading
 
         output_loading_info = kwargs.pop("output_loading_info", False)
+        saved_by = None
         directory = pretrained_model_name_or_path
         if directory is not None and kwargs.get("subfolder"):
             directory = os.path.join(directory, kwargs["subfolder"])
@@ -478,29 +487,47 @@ class DeepseekMoEPreTrainedModel(PreTrainedModel):
                 config = DeepseekMoEConfig.from_pretrained(directory)
             # A quantized save stores bitsandbytes statistics next to each weight; the load report below checks it.
             if not is_prequantized(config):
-                validate_checkpoint(directory, config)
+                saved_by = validate_checkpoint(
+                    directory,
+                    config,
+                    ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
+                    use_safetensors=kwargs.get("use_safetensors"),
+                    variant=kwargs.get("variant"),
+                )
         # With a bitsandbytes config the routed experts are built quantized too (see quantization.py).
         with quantized_experts_loading(pretrained_model_name_or_path, kwargs) as load_kwargs:
             model, loading_info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **load_kwargs
             )
         finalize_quantized_experts(model)
-        missing = [key for key in loading_info["missing_keys"] if not key.startswith(cls._new_head_keys)]
-        problems = {
-            "missing (would be randomly initialised)": missing,
-            "unexpected (would be ignored)": [k for k in loading_info["unexpected_keys"] if k != "lm_head.weight"],
-            "shape-mismatched": [str(item) for item in loading_info.get("mismatched_keys", [])],
-        }
-        problems = {kind: keys for kind, keys in problems.items() if keys}
-        if problems:
+        # `from_pretrained(None, config=..., state_dict={})` loads nothing on purpose: a freshly initialised model.
+        builds_fresh = pretrained_model_name_or_path is None and not kwargs.get("state_dict")
+        problems = model._tensors_not_loaded(loading_info, saved_by or kind_of_architectures(model.config))
+        if problems and not builds_fresh:
             details = "; ".join(f"{kind}: {', '.join(sorted(keys)[:5])}" for kind, keys in problems.items())
             raise ValueError(
-                f"Loading {pretrained_model_name_or_path} into {cls.__name__} is incomplete: {details}. "
-                "Check that the checkpoint matches its config.json."
+                f"Loading {pretrained_model_name_or_path} into {cls.__name__} is incomplete: {details}. Check that "
+                "the checkpoint matches its config.json and that no from_pretrained argument changes the model's "
+                "sizes (num_hidden_layers, n_routed_experts, ...)."
             )
         if isinstance(model, GenerationMixin):
             model.apply_generation_defaults()
         return (model, loading_info) if output_loading_info else model
+
+    def _tensors_not_loaded(self, loading_info: dict, saved_by: str) -> dict[str, list[str]]:
+        """The load report's tensors that are neither loaded nor allowed by transformers' rules for another class's
+        checkpoint (see `from_pretrained`), by what would happen to them."""
+        own_heads = {key for key in self._new_head_keys if key in self.state_dict()}
+        own_kind = next((kind for kind, key in HEAD_TENSORS.items() if key in own_heads), BASE_MODEL)
+        new_heads = own_heads if saved_by != own_kind else set()
+        droppable = set(self._new_head_keys) - own_heads
+        if self.config.tie_word_embeddings:
+            droppable.add(HEAD_TENSORS[CAUSAL_LM])
+        problems = {
+            "missing (would be randomly initialised)": [k for k in loading_info["missing_keys"] if k not in new_heads],
+            "unexpected (would be ignored)": [k for k in loading_info["unexpected_keys"] if k not in droppable],
+        }
+        return {kind: keys for kind, keys in problems.items() if keys}
 
 
 class DeepseekMoEModel(DeepseekMoEPreTrainedModel):
@@ -685,7 +712,7 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
 
 
 class DeepseekMoEForSequenceClassification(GenericForSequenceClassification, DeepseekMoEPreTrainedModel):
-    _new_head_keys = ("score.",)
+    """The backbone's hidden state at each sequence's last non-padding token through `score` (`num_labels` outputs)."""
 
 
 __all__ = [

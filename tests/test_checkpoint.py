@@ -4,13 +4,23 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from modeling_deepseekmoe import DeepseekMoEForCausalLM, DeepseekMoEModel
+from modeling_deepseekmoe import (
+    DeepseekMoEConfig,
+    DeepseekMoEForCausalLM,
+    DeepseekMoEForSequenceClassification,
+    DeepseekMoEModel,
+)
 from modeling_deepseekmoe.checkpoint import (
+    BASE_MODEL,
+    CAUSAL_LM,
+    SEQUENCE_CLASSIFIER,
     CheckpointError,
+    CheckpointShapeError,
     checkpoint_tensor_files,
     released_tensor_shapes,
+    validate_checkpoint,
     write_random_released_checkpoint,
 )
 
@@ -32,8 +42,6 @@ def stored_tensors(directory):
 
 
 def test_released_layout_has_the_released_tensor_count_at_16b():
-    from modeling_deepseekmoe import DeepseekMoEConfig
-
     shapes = released_tensor_shapes(DeepseekMoEConfig())
     assert len(shapes) == 5466
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 16_375_728_128
@@ -167,3 +175,197 @@ def test_checkpoint_of_a_smaller_model_is_refused_even_when_config_is_passed(rel
     bigger = tiny_config(num_hidden_layers=4)
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model.layers.3"):
         DeepseekMoEForCausalLM.from_pretrained(released_checkpoint, config=bigger)
+
+
+# --- Every class of the family loads what every class saved, in both expert layouts ---------------------------------
+
+FAMILY = {
+    "base": (DeepseekMoEModel, None),
+    "causal_lm": (DeepseekMoEForCausalLM, "lm_head.weight"),
+    "classifier": (DeepseekMoEForSequenceClassification, "score.weight"),
+}
+
+
+def backbone_state(model):
+    return {name: tensor.detach().clone() for name, tensor in model.base_model.state_dict().items()}
+
+
+@pytest.mark.parametrize("original_format", [True, False], ids=["released_layout", "fused_layout"])
+@pytest.mark.parametrize("saver", FAMILY)
+@pytest.mark.parametrize("loader", FAMILY)
+def test_every_class_loads_what_every_class_saved(tmp_path, saver, loader, original_format):
+    config = tiny_config(num_labels=3, pad_token_id=1)
+    saver_class, saver_head = FAMILY[saver]
+    loader_class, loader_head = FAMILY[loader]
+    torch.manual_seed(0)
+    saved_model = saver_class(config)
+    saved_model.save_pretrained(tmp_path, save_original_format=original_format)
+    stored = load_file(tmp_path / "model.safetensors")
+    expert_key = f"{'' if saver == 'base' else 'model.'}layers.1.mlp.experts.gate_up_proj"
+    assert (expert_key in stored) is not original_format
+
+    model, info = loader_class.from_pretrained(tmp_path, output_loading_info=True)
+
+    loaded = backbone_state(model)
+    assert loaded.keys() == backbone_state(saved_model).keys()
+    for name, tensor in backbone_state(saved_model).items():
+        assert torch.equal(loaded[name], tensor), name
+    # transformers' semantics: the loader's own head is new when another class saved the checkpoint, and another
+    # class's head is dropped; nothing else.
+    assert set(info["missing_keys"]) == ({loader_head} if loader_head and loader_head != saver_head else set())
+    assert set(info["unexpected_keys"]) == ({saver_head} if saver_head and saver_head != loader_head else set())
+    assert not info["mismatched_keys"]
+    if loader_head and loader_head == saver_head:
+        assert torch.equal(model.state_dict()[loader_head], saved_model.state_dict()[loader_head])
+
+
+def test_fused_layout_save_reloads_with_identical_logits(tmp_path, config):
+    torch.manual_seed(0)
+    model = DeepseekMoEForCausalLM(config).eval()
+    model.save_pretrained(tmp_path, save_original_format=False)
+    assert validate_checkpoint(tmp_path, config) == CAUSAL_LM
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(2, 96, (2, 9))
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "kind"),
+    [(DeepseekMoEModel, BASE_MODEL), (DeepseekMoEForCausalLM, CAUSAL_LM),
+     (DeepseekMoEForSequenceClassification, SEQUENCE_CLASSIFIER)],
+)  # fmt: skip
+def test_validate_checkpoint_accepts_each_class_own_save(tmp_path, config, model_class, kind):
+    model_class(config).save_pretrained(tmp_path)
+    assert validate_checkpoint(tmp_path, DeepseekMoEConfig.from_pretrained(tmp_path)) == kind
+
+
+def test_missing_fused_expert_tensor_is_named(tmp_path, config):
+    DeepseekMoEForCausalLM(config).save_pretrained(tmp_path, save_original_format=False)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.2.mlp.experts.down_proj"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model.layers.2.mlp.experts.down_proj"):
+        DeepseekMoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_causal_lm_checkpoint_without_its_head_is_refused(released_checkpoint):
+    rewrite_shard_without(released_checkpoint, "lm_head.weight")
+    with pytest.raises(CheckpointError, match="causal LM head lm_head.weight is missing.*re-download"):
+        AutoModelForCausalLM.from_pretrained(released_checkpoint)
+
+
+def test_classifier_checkpoint_without_its_head_is_refused(tmp_path):
+    config = tiny_config(num_labels=3, pad_token_id=1)
+    DeepseekMoEForSequenceClassification(config).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["score.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="sequence classifier head score.weight is missing"):
+        DeepseekMoEForSequenceClassification.from_pretrained(tmp_path)
+
+
+@pytest.fixture
+def classifier_checkpoint(tmp_path):
+    config = tiny_config(num_labels=3, pad_token_id=1)
+    torch.manual_seed(0)
+    model = DeepseekMoEForSequenceClassification(config)
+    model.save_pretrained(tmp_path / "classifier")
+    return tmp_path / "classifier", model
+
+
+@pytest.mark.parametrize("load", [
+    lambda path, **kw: AutoModelForSequenceClassification.from_pretrained(path, num_labels=42, **kw),
+    lambda path, **kw: DeepseekMoEForSequenceClassification.from_pretrained(path, num_labels=42, **kw),
+], ids=["auto_class", "model_class"])  # fmt: skip
+def test_new_label_count_needs_ignore_mismatched_sizes(classifier_checkpoint, load):
+    path, saved = classifier_checkpoint
+    with pytest.raises(RuntimeError, match="score.weight|ignore_mismatched_sizes"):
+        load(path)
+    model, info = load(path, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert model.score.weight.shape == (42, saved.config.hidden_size)
+    assert [key for key, *_ in info["mismatched_keys"]] == ["score.weight"]
+    for name, tensor in backbone_state(saved).items():
+        assert torch.equal(backbone_state(model)[name], tensor), name
+    assert model(torch.randint(2, 96, (2, 5))).logits.shape == (2, 42)
+
+
+def test_backbone_shape_mismatch_is_named_and_allowed_only_when_asked(classifier_checkpoint):
+    path, _ = classifier_checkpoint
+    smaller_vocab = tiny_config(num_labels=3, pad_token_id=1, vocab_size=10)
+    with pytest.raises(CheckpointShapeError, match=r"model.embed_tokens.weight has shape \[96, 32\].*ignore_mismatched_sizes=True"):
+        AutoModel.from_pretrained(path, config=smaller_vocab)
+    model, info = AutoModel.from_pretrained(path, config=smaller_vocab, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert model.embed_tokens.weight.shape == (10, 32)
+    assert [key for key, *_ in info["mismatched_keys"]] == ["embed_tokens.weight"]
+
+
+def test_a_stray_tensor_is_refused_even_next_to_another_class_head(tmp_path, config):
+    DeepseekMoEForCausalLM(config).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.1.mlp.experts.9.up_proj.weight"] = torch.zeros(16, 32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) for this config: model.layers.1.mlp.experts.9"):
+        DeepseekMoEForSequenceClassification.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("weight_format", ["safetensors", "bin"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
+def test_non_floating_point_tensor_in_a_float_checkpoint_is_refused(tmp_path, config, weight_format, dtype):
+    directory = write_random_released_checkpoint(
+        config, tmp_path / "ckpt", dtype=torch.float32, max_shard_bytes=20_000, weight_format=weight_format
+    )
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    file_name = checkpoint_tensor_files(directory)[name]
+    if weight_format == "safetensors":
+        tensors = load_file(directory / file_name)
+        tensors[name] = torch.ones(tensors[name].shape, dtype=dtype)
+        save_file(tensors, directory / file_name, metadata={"format": "pt"})
+    else:
+        tensors = torch.load(directory / file_name, weights_only=True)
+        tensors[name] = torch.ones(tensors[name].shape, dtype=dtype)
+        torch.save(tensors, directory / file_name)
+    with pytest.raises(CheckpointError, match=f"non-floating-point tensor\\(s\\): {name} is "):
+        validate_checkpoint(directory, config)
+    with pytest.raises(CheckpointError, match="non-floating-point"):
+        AutoModelForCausalLM.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("model_type", ["llama", None])
+def test_checkpoint_whose_model_type_is_not_deepseek_is_refused(released_checkpoint, config, model_type):
+    config_path = released_checkpoint / "config.json"
+    config_json = json.loads(config_path.read_text())
+    config_json.pop("model_type")
+    if model_type:
+        config_json["model_type"] = model_type
+    config_path.write_text(json.dumps(config_json))
+    with pytest.raises(CheckpointError, match=f"model_type {model_type!r}, not 'deepseek'"):
+        validate_checkpoint(released_checkpoint, config)
+
+
+def test_the_weights_the_loader_reads_are_the_ones_checked(tmp_path, config):
+    """transformers reads model.safetensors before a .bin index: a stale .bin index beside it is not what loads."""
+    torch.manual_seed(0)
+    DeepseekMoEForCausalLM(config).save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "gone.bin"}}))
+    assert validate_checkpoint(tmp_path, config) == CAUSAL_LM
+    AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="missing from .*gone.bin"):
+        validate_checkpoint(tmp_path, config, use_safetensors=False)
+
+
+def test_truncated_shard_is_named(released_checkpoint):
+    shard = sorted(released_checkpoint.glob("model-*.safetensors"))[2]
+    shard.write_bytes(shard.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match=f"{shard.name} cannot be read .*download it again"):
+        AutoModelForCausalLM.from_pretrained(released_checkpoint)
+
+
+def test_auto_classes_load_a_base_model_save(tmp_path):
+    config = tiny_config(num_labels=3, pad_token_id=1)
+    torch.manual_seed(0)
+    saved = DeepseekMoEModel(config)
+    saved.save_pretrained(tmp_path)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), DeepseekMoEModel)
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == {"score.weight"}
+    assert torch.equal(classifier.model.embed_tokens.weight, saved.embed_tokens.weight)
