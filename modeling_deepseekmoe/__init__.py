@@ -4,6 +4,7 @@ Importing this package registers the `deepseek` model type with the Auto classes
 maps the released per-expert keys onto the fused expert tensors (and back on save).
 """
 
+from . import _bnb_noise  # noqa: F401  (before anything imports bitsandbytes: drops its `kernels` package notice)
 from transformers import (
     AutoConfig,
     AutoModel,

@@ -87,9 +87,7 @@ def bitsandbytes_summary() -> dict[str, str]:
     from . import quantization
 
     summary = {"bitsandbytes backend": "cuda" if torch.cuda.is_available() else "cpu"}
-    describe = getattr(quantization, "describe_4bit_kernel", None)
-    if describe is not None:
-        summary["4-bit kernel path"] = describe()
+    summary["4-bit kernel (CPU)"] = quantization.describe_cpu_4bit_kernels()
     return summary
 
 

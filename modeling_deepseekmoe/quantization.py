@@ -17,15 +17,18 @@ them back, so a quantized model saves as the released per-expert layout plus bit
 The experts' forward dequantizes the weights it needs (on CPU only the experts hit, on GPUs all of them, without a
 host sync) into the fused layout and runs the configured experts implementation on them: it equals the forward of
 the model with dequantized weights (`dequantize_model`). Under autograd the dequantized weights are recomputed in
-the backward rather than kept. The router (`mlp.gate`, a bare parameter), norms, embeddings and lm_head are never
+the backward rather than kept. Inference calls on a CPU with AVX512-BF16 run bitsandbytes' packed 4-bit kernel instead,
+in the routed experts and the `Linear4bit` layers, wherever the shape allows (`configure_4bit_cpu_kernels`). The router (`mlp.gate`, a bare parameter), norms, embeddings and lm_head are never
 converted; attention, shared experts and dense MLPs are bnb `Linear4bit` / `Linear8bitLt` as usual.
 """
 
 import copy
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BitsAndBytesConfig
@@ -153,6 +156,212 @@ def is_quantized_weight(weight: torch.Tensor) -> bool:
     return isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# bitsandbytes' 4-bit CPU kernels
+#
+# On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a `Linear4bit` weight on its first inference call (eval mode,
+# input without grad) into the layout of a fused kernel that computes in bf16: 5-15x faster than dequantize-then-matmul
+# at 1-16 rows, in bf16 and fp32 (benchmarks/results/bnb4_cpu_paths.md). What bitsandbytes leaves to its caller:
+# - the layout takes only [out, in] weights with out % 32 == 0 and in a multiple of the quantization block; the
+#   repacking of any other shape crashes (`shape '[32, 0]' is invalid for input of size 16`);
+# - its unpacking (`state_dict()`, `.cuda()`) re-quantizes the block scales of a double-quantized weight and leaves
+#   those of the others in the packed order: after an inference call, `state_dict()` corrupts such a layer;
+# - a packed layer passes no gradient to its input (a training step after an evaluation).
+# So the packed kernel is switched on only for the shapes it takes (`support_avx512bf16_for_cpu`, bitsandbytes' switch
+# on each `Linear4bit`); the weights are packed here, before bitsandbytes would, keeping the statistics they were
+# quantized with, which unpacking restores exactly; and they are unpacked before a call that is not an inference call
+# and before they are saved. Routed experts take the same kernel for inference (`DeepseekMoEExpertWeight.linear`).
+#
+# Separately, bitsandbytes' AVX512 `dequantize_4bit` (any AVX512 CPU) reads one scale per (row, block) and so is wrong
+# when in_features is not a multiple of the block size (a block then spans rows): such weights are dequantized with
+# torch ops here (`Linear4bitExactCpuDequantize`, `dequantize_weight`). The released dims are all multiples of 64.
+
+_PACKED_LAYOUT_ROW_TILE = 32  # `_convert_weight_packed_for_cpu`'s block_n
+_PACKED_KERNEL_FUNCTIONS = (
+    "has_avx512bf16",
+    "_convert_weight_packed_for_cpu",
+    "_convert_weight_packed_for_cpu_inverse",
+)
+PACKED_KERNEL_PATH = "bitsandbytes packed AVX512-BF16 kernel"
+DEQUANTIZE_KERNEL_PATH = "dequantize + matmul"
+
+
+def packed_4bit_cpu_kernel_available() -> bool:
+    """Whether bitsandbytes' packed 4-bit CPU kernel runs here: a bitsandbytes that has it, on a CPU with AVX512-BF16."""
+    if not is_bitsandbytes_available():
+        return False
+    functional = bnb.functional
+    return all(hasattr(functional, name) for name in _PACKED_KERNEL_FUNCTIONS) and bool(functional.has_avx512bf16())
+
+
+def packed_4bit_layout_fits(out_features: int, in_features: int, blocksize: int = 64) -> bool:
+    """Whether bitsandbytes' packed CPU layout takes an [out, in] 4-bit weight quantized in blocks of `blocksize`."""
+    return out_features % _PACKED_LAYOUT_ROW_TILE == 0 and in_features > 0 and in_features % blocksize == 0
+
+
+def _takes_packed_layout(weight: torch.Tensor) -> bool:
+    if not (isinstance(weight, bnb.nn.Params4bit) and weight.bnb_quantized and weight.quant_state is not None):
+        return False
+    state = _plain_quant_state(weight)
+    return len(state.shape) == 2 and packed_4bit_layout_fits(*state.shape, state.blocksize)
+
+
+def is_packed_for_cpu(weight: torch.Tensor) -> bool:
+    """Whether a 4-bit weight is in bitsandbytes' packed CPU layout."""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def _pack_for_cpu(weight, module: nn.Module | None = None) -> None:
+    """Repack a 4-bit weight in place into the packed CPU layout, keeping the statistics `_plain_4bit` restores."""
+    original = weight.quant_state
+    data, packed = bnb.functional._convert_weight_packed_for_cpu(weight.data, copy.deepcopy(original))
+    packed.unpacked_quant_state = original
+    _set_4bit(weight, data, packed, module)
+
+
+def _unpack_for_cpu(weight, module: nn.Module | None = None) -> None:
+    if is_packed_for_cpu(weight):
+        _set_4bit(weight, *_plain_4bit(weight), module)
+
+
+def _plain_quant_state(weight):
+    original = getattr(weight.quant_state, "unpacked_quant_state", None)
+    return weight.quant_state if original is None else original
+
+
+def _plain_4bit(weight) -> tuple:
+    """(data, quant state) of a packed 4-bit weight in the plain layout, as it was quantized."""
+    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(weight.quant_state))
+    original = getattr(weight.quant_state, "unpacked_quant_state", None)
+    if original is not None:
+        return data, original
+    if not state.nested:  # packed by bitsandbytes itself, whose unpacking leaves the scales [in / block, out] in bf16
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return data, state
+
+
+def _set_4bit(weight, data: torch.Tensor, state, module: nn.Module | None) -> None:
+    weight.data, weight.quant_state = data, state
+    if module is not None:
+        module.quant_state = state  # Linear4bit keeps a second reference, read when the weight has lost its own
+
+
+def _keep_4bit_layout_for_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of every `Linear4bit`: the weight packed for bitsandbytes' inference case (CPU, eval mode,
+    input without grad) where the module's switch is on, in the plain layout otherwise."""
+    x = args[0] if args else kwargs["x"]
+    packed = module.support_avx512bf16_for_cpu and x.device.type == "cpu" and not module.training
+    packed = packed and not x.requires_grad
+    if packed and not is_packed_for_cpu(module.weight):
+        _pack_for_cpu(module.weight, module)
+    elif not packed:
+        _unpack_for_cpu(module.weight, module)
+
+
+def _unpack_before_saving(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    _unpack_for_cpu(module.weight, module)
+
+
+def _configure_linear4bit(module: nn.Module, packed: bool) -> None:
+    module.support_avx512bf16_for_cpu = packed
+    if _keep_4bit_layout_for_call not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_keep_4bit_layout_for_call, with_kwargs=True)
+    if _unpack_before_saving not in module._state_dict_pre_hooks.values():
+        module.register_state_dict_pre_hook(_unpack_before_saving)
+    if not packed:
+        _unpack_for_cpu(module.weight, module)
+    state = module.weight.quant_state
+    exact = type(module) is bnb.nn.Linear4bit and state is not None and not _bnb_dequantizes_exactly(state)
+    if exact and module.weight.device.type == "cpu":
+        module.__class__ = Linear4bitExactCpuDequantize
+
+
+def _dequantize_4bit(data: torch.Tensor, state) -> torch.Tensor:
+    if data.device.type == "cpu" and not _bnb_dequantizes_exactly(state):
+        return _dequantize_4bit_with_torch(data, state)
+    return dequantize_4bit(data, state)
+
+
+def _bnb_dequantizes_exactly(state) -> bool:
+    return state.shape[-1] % state.blocksize == 0 or _bnb_cpu_dequantize_handles_blocks_across_rows()
+
+
+@functools.cache
+def _bnb_cpu_dequantize_handles_blocks_across_rows() -> bool:
+    """Whether bitsandbytes' CPU `dequantize_4bit` is right for a weight whose blocks span rows (wrong on AVX512
+    CPUs in bitsandbytes 0.50); checked once, so that a bitsandbytes that fixes it is used again."""
+    weight = torch.arange(128, dtype=torch.float32).reshape(4, 32)  # 2 blocks of 64, with different scales
+    data, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    return torch.equal(dequantize_4bit(data, state), _dequantize_4bit_with_torch(data, state))
+
+
+def _dequantize_4bit_with_torch(data: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' 4-bit format dequantized with torch ops: two codes per byte (high nibble first) over the
+    flattened weight, each block of `blocksize` codes scaled by its absmax (itself 8-bit quantized when nested)."""
+    codes = data.contiguous().view(torch.uint8).reshape(-1)
+    indices = torch.stack((codes >> 4, codes & 0xF), dim=-1).reshape(-1)[: state.shape.numel()]
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(absmax, state.state2) + state.offset
+    values = state.code.to(torch.float32)[indices.long()]
+    scales = absmax.float().repeat_interleave(state.blocksize)[: values.numel()]
+    return (values * scales).reshape(state.shape).to(state.dtype)
+
+
+def cpu_4bit_kernel_path(module_or_shape) -> str:
+    """The CPU kernel that inference calls of a 4-bit layer run: a `Linear4bit` or `DeepseekMoEExpertWeight` as
+    configured on this model, or an `(out_features, in_features)` shape (block size 64) as it would be configured."""
+    if isinstance(module_or_shape, nn.Module):
+        weight = getattr(module_or_shape, "weight", None)
+        if not (is_bitsandbytes_available() and isinstance(weight, bnb.nn.Params4bit) and weight.bnb_quantized):
+            return "none (not a 4-bit layer)"
+        packed = getattr(module_or_shape, "support_avx512bf16_for_cpu", None)
+        if packed is None:
+            packed = getattr(module_or_shape, "packed_kernel", False)
+    else:
+        out_features, in_features = module_or_shape
+        packed = packed_4bit_cpu_kernel_available() and packed_4bit_layout_fits(out_features, in_features)
+    return PACKED_KERNEL_PATH if packed else DEQUANTIZE_KERNEL_PATH
+
+
+def describe_cpu_4bit_kernels() -> str:
+    """One line for bug reports (`deepseekmoe env`): which CPU kernels a 4-bit model loaded here would use."""
+    if not is_bitsandbytes_available():
+        return "none: bitsandbytes is not installed (`pip install 'bitsandbytes>=0.50'`)"
+    if packed_4bit_cpu_kernel_available():
+        line = (
+            f"{PACKED_KERNEL_PATH} for inference on weights with out % {_PACKED_LAYOUT_ROW_TILE} == 0 and in a multiple "
+            f"of the block size (64), else {DEQUANTIZE_KERNEL_PATH}"
+        )
+    elif all(hasattr(bnb.functional, name) for name in _PACKED_KERNEL_FUNCTIONS):
+        line = (
+            f"{DEQUANTIZE_KERNEL_PATH} (bitsandbytes' packed 4-bit CPU kernel needs AVX512-BF16, which this CPU lacks)"
+        )
+    else:
+        line = f"{DEQUANTIZE_KERNEL_PATH} (this bitsandbytes {bnb.__version__} has no packed 4-bit CPU kernel)"
+    if not _bnb_cpu_dequantize_handles_blocks_across_rows():
+        line += "; torch-op dequantization where in is not a multiple of the block size"
+    return line
+
+
+if is_bitsandbytes_available():
+
+    class Linear4bitExactCpuDequantize(bnb.nn.Linear4bit):
+        """A `Linear4bit` whose CPU forward dequantizes its weight with torch ops (then `F.linear` in the compute
+        dtype): for shapes bitsandbytes' AVX512 `dequantize_4bit` gets wrong (in_features not a multiple of the
+        block size). Elsewhere it is bitsandbytes' own forward."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type != "cpu":
+                return super().forward(x)
+            if not self.compute_type_is_set:
+                self.set_compute_type(x)
+                self.compute_type_is_set = True
+            dtype = self.compute_dtype or x.dtype
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return F.linear(x.to(dtype), dequantize_weight(self.weight, dtype), bias).to(x.dtype)
+
+
 def dequantize_weight(
     weight: torch.Tensor,
     dtype: torch.dtype | None = None,
@@ -166,13 +375,10 @@ def dequantize_weight(
     if not is_quantized_weight(weight):
         dense = weight.detach()
     elif isinstance(weight, bnb.nn.Params4bit):
-        data, quant_state = weight.data, weight.quant_state
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            # Linear4bit's CPU inference repacks its weight (AVX512-BF16 machines); undo it to read the values.
-            data, quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(quant_state))
+        data, quant_state = _plain_4bit(weight) if is_packed_for_cpu(weight) else (weight.data, weight.quant_state)
         if out is not None and out.dtype == quant_state.dtype and out.device.type != "cpu":
             return dequantize_4bit(data, quant_state, out=out)  # bitsandbytes has no CPU kernel for `out=`
-        dense = dequantize_4bit(data, quant_state)
+        dense = _dequantize_4bit(data, quant_state)
     else:
         scale = weight.SCB if weight.SCB is not None else int8_scale
         if scale is None:
@@ -196,12 +402,27 @@ class DeepseekMoEExpertWeight(nn.Module):
         state = getattr(linear, "state", None)
         if isinstance(self.weight, bnb.nn.Int8Params) and self.weight.SCB is None and state is not None:
             self.weight.SCB = state.SCB  # Linear8bitLt moves the scales to its state on its first forward
+        self.packed_kernel = False  # bitsandbytes' packed CPU kernel for inference (`configure_4bit_cpu_kernels`)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_weight(self.weight, dtype)
 
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ weight.T` for an inference call on CPU: through bitsandbytes' packed kernel where this projection
+        takes it (packing the weight on first use), else with the weight dequantized in `x`'s dtype."""
+        if not self.packed_kernel:
+            return F.linear(x, self.dequantize(x.dtype))
+        if not is_packed_for_cpu(self.weight):
+            _pack_for_cpu(self.weight)
+        return bnb.matmul_4bit(x, self.weight, self.weight.quant_state)
+
+    def unpack(self) -> None:
+        """Back to the plain layout (before a call that needs the dequantized weight, and before saving)."""
+        _unpack_for_cpu(self.weight)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The keys bnb's Linear4bit / Linear8bitLt write, which transformers' bnb loading reads back.
+        self.unpack()
         super()._save_to_state_dict(destination, prefix, keep_vars)
         weight = self.weight
         if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
@@ -247,6 +468,9 @@ class DeepseekMoEQuantizedExperts(nn.Module):
         self.intermediate_dim = config.moe_intermediate_size
         self.act_fn = ACT2FN[config.hidden_act]
         self.compute_dtype: torch.dtype | None = None
+        # Whether some projection takes bitsandbytes' packed CPU kernel (`configure_4bit_cpu_kernels`), and whether
+        # some weight is packed now.
+        self.packed_kernels, self._packed = False, False
         # What transformers' experts implementations read from an experts module (`@use_experts_implementation`).
         self.has_gate, self.has_bias, self.is_transposed, self.is_concatenated = True, False, False, True
         self.has_post_expert_norm, self._is_expert_parallel = False, False
@@ -317,10 +541,40 @@ class DeepseekMoEQuantizedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad):
+        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
+        inference = not needs_grad and not self.training and hidden_states.device.type == "cpu"
+        if self.packed_kernels and inference and self.config._experts_implementation in HIT_ONLY_IMPLEMENTATIONS:
+            return self._packed_forward(hidden_states, top_k_index, top_k_weights)
+        self._unpack()
+        if needs_grad:
             # The dense weights are 3.5x (4-bit) the stored ones: recompute them in the backward, don't keep them.
             return checkpoint(self._dense_forward, hidden_states, top_k_index, top_k_weights, use_reentrant=False)
         return self._dense_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _packed_forward(self, hidden_states, top_k_index, top_k_weights):
+        """Inference on CPU with bitsandbytes' packed kernel (`DeepseekMoEExpertWeight.linear`): the per-expert loop
+        of the eager implementation over the experts hit, without dequantizing the projections the kernel takes."""
+        self._packed = True
+        dtype = self.compute_dtype or hidden_states.dtype
+        output = torch.zeros_like(hidden_states)
+        for index in torch.unique(top_k_index).tolist():
+            token_idx, slot = torch.where(top_k_index == index)
+            expert = self.expert(index)
+            states = hidden_states[token_idx].to(dtype)
+            expert_out = expert.down.linear(self.act_fn(expert.gate.linear(states)) * expert.up.linear(states))
+            expert_out = expert_out * top_k_weights[token_idx, slot, None]
+            output.index_add_(0, token_idx, expert_out.to(output.dtype))
+        return output
+
+    def _unpack(self) -> None:
+        if self._packed:
+            for _, _, projection in self.projections():
+                projection.unpack()
+            self._packed = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._packed = False  # each projection unpacks itself for saving
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _dense_forward(self, hidden_states, top_k_index, top_k_weights):
         implementation = self.config._experts_implementation
@@ -405,6 +659,28 @@ def finalize_quantized_experts(model: nn.Module) -> None:
         if hf_quantizer is not None:
             # `model.dequantize()` (transformers) only knows bnb's Linear layers; make it dequantize the experts too.
             hf_quantizer._dequantize = lambda model, dtype=None: dequantize_model(model, dtype)
+    configure_4bit_cpu_kernels(model)
+
+
+def configure_4bit_cpu_kernels(model: nn.Module, packed: bool = True) -> None:
+    """Choose the CPU kernel of each 4-bit weight of a loaded model (`Linear4bit` and routed experts) for inference
+    calls: bitsandbytes' packed AVX512-BF16 kernel, the fastest, where the CPU has it and the shape fits
+    (`packed_4bit_layout_fits`), else dequantize + matmul. `packed=False` turns the packed kernel off everywhere
+    (it computes in bf16: results then equal those of the dequantized model, on every CPU kind)."""
+    if not is_bitsandbytes_available():
+        return
+    available = packed and packed_4bit_cpu_kernel_available()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            _configure_linear4bit(module, available and _takes_packed_layout(module.weight))
+        elif isinstance(module, DeepseekMoEQuantizedExperts):
+            projections = [projection for _, _, projection in module.projections()]
+            for projection in projections:
+                if isinstance(projection, DeepseekMoEExpertWeight):
+                    projection.packed_kernel = available and _takes_packed_layout(projection.weight)
+                    projection.unpack()
+            module.packed_kernels = any(getattr(projection, "packed_kernel", False) for projection in projections)
+            module._packed = False
 
 
 def _set_save_conversions(model: nn.Module) -> None:
@@ -548,11 +824,17 @@ __all__ = [
     "DeepseekMoEExpertProjections",
     "DeepseekMoEExpertWeight",
     "DeepseekMoEQuantizedExperts",
+    "configure_4bit_cpu_kernels",
+    "cpu_4bit_kernel_path",
     "dequantize_model",
     "dequantize_weight",
+    "describe_cpu_4bit_kernels",
     "finalize_quantized_experts",
+    "is_packed_for_cpu",
     "is_prequantized",
     "merge_adapter_into_dequantized_model",
+    "packed_4bit_cpu_kernel_available",
+    "packed_4bit_layout_fits",
     "prepare_for_kbit_training",
     "quantized_experts_loading",
     "resolve_bnb_config",

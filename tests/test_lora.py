@@ -123,11 +123,17 @@ def test_grouped_gpu_projection_path_equals_the_cpu_loop():
 def test_qlora_on_quantized_routed_experts_equals_the_dequantized_model(released_checkpoint):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from modeling_deepseekmoe.quantization import DeepseekMoEQuantizedExperts, dequantize_model
+    from modeling_deepseekmoe.quantization import (
+        DeepseekMoEQuantizedExperts,
+        configure_4bit_cpu_kernels,
+        dequantize_model,
+    )
 
     quantized = AutoModelForCausalLM.from_pretrained(
         released_checkpoint, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     )
+    # bitsandbytes' packed AVX512-BF16 kernel computes in bf16: compare on the exact dequantizing path.
+    configure_4bit_cpu_kernels(quantized, packed=False)
     assert isinstance(quantized.model.layers[1].mlp.experts, DeepseekMoEQuantizedExperts)
     dense = dequantize_model(AutoModelForCausalLM.from_pretrained(
         released_checkpoint, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")

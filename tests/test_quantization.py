@@ -1,12 +1,15 @@
 """4-bit / 8-bit loading in which the routed experts really are quantized (bitsandbytes on CPU, tiny models)."""
 
 import copy
+import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import tiny_config
@@ -19,9 +22,19 @@ from modeling_deepseekmoe.checkpoint import (
 )
 from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoEExperts, DeepseekMoEMLP, DeepseekMoESparseMoeBlock
 from modeling_deepseekmoe.quantization import (
+    DEQUANTIZE_KERNEL_PATH,
+    PACKED_KERNEL_PATH,
+    DeepseekMoEExpertWeight,
     DeepseekMoEQuantizedExperts,
+    configure_4bit_cpu_kernels,
+    cpu_4bit_kernel_path,
     dequantize_model,
+    dequantize_weight,
+    describe_cpu_4bit_kernels,
+    is_packed_for_cpu,
     merge_adapter_into_dequantized_model,
+    packed_4bit_cpu_kernel_available,
+    packed_4bit_layout_fits,
     prepare_for_kbit_training,
 )
 
@@ -104,7 +117,7 @@ def test_every_expert_and_projection_is_quantized(quantized, precision):
             assert (projection.out_features, projection.in_features) == expected
             assert not isinstance(projection, nn.Linear)  # hidden from PEFT's all-linear / target_modules
         for linear in (block.shared_experts.gate_proj, block.shared_experts.up_proj, block.shared_experts.down_proj):
-            assert type(linear) is linear_class
+            assert isinstance(linear, linear_class)
             assert_quantized(linear.weight, precision)
         assert type(block.gate.weight) is nn.Parameter and block.gate.weight.dtype == torch.float32
     dense_mlp = model.model.layers[0].mlp
@@ -112,10 +125,10 @@ def test_every_expert_and_projection_is_quantized(quantized, precision):
     for layer in model.model.layers:
         attention = layer.self_attn
         for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
-            assert type(linear) is linear_class
+            assert isinstance(linear, linear_class)
             assert_quantized(linear.weight, precision)
     for linear in (dense_mlp.gate_proj, dense_mlp.up_proj, dense_mlp.down_proj):
-        assert type(linear) is linear_class
+        assert isinstance(linear, linear_class)
 
     # Everything else stays a plain parameter in the compute dtype: routers, norms, embeddings, lm_head.
     plain = {name for name, p in model.named_parameters() if type(p) is nn.Parameter}
@@ -135,7 +148,7 @@ def test_skip_modules_keep_those_experts_dense(checkpoint, input_ids, tmp_path):
     layer1, layer2 = (layer.mlp for layer in model.model.layers[1:])
     assert isinstance(layer1.experts, DeepseekMoEQuantizedExperts)
     assert type(layer2.experts) is DeepseekMoEExperts and layer2.experts.gate_up_proj.shape == (8, 32, 32)
-    assert type(layer2.shared_experts.up_proj) is bnb.nn.Linear4bit
+    assert isinstance(layer2.shared_experts.up_proj, bnb.nn.Linear4bit)
     assert type(layer1.gate.weight) is nn.Parameter and type(model.lm_head) is nn.Linear  # never converted
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -156,7 +169,9 @@ def test_logits_close_to_full_precision(reference, quantized, input_ids, precisi
 
 @pytest.mark.parametrize("precision", ["nf4", "nf4-dq"])
 def test_4bit_forward_equals_dequantized_model(quantized, input_ids, precision):
-    model = quantized[precision]
+    # Exactly, with bitsandbytes' packed kernel (bf16 compute, AVX512-BF16 CPUs) off: see the CPU kernel tests below.
+    model = copy.deepcopy(quantized[precision])
+    configure_4bit_cpu_kernels(model, packed=False)
     dense = dequantize_model(copy.deepcopy(model))
     assert not any(isinstance(m, (DeepseekMoEQuantizedExperts, bnb.nn.Linear4bit)) for m in dense.modules())
     assert not dense.is_quantized and not hasattr(dense.config, "quantization_config")
@@ -387,6 +402,228 @@ def test_qlora_trains_and_merges_into_a_released_bf16_checkpoint(checkpoint, inp
     # Observed max |diff| 2.5e-3 - 4e-3 on logits of magnitude ~0.6: the adapter model runs norms and embeddings in
     # fp32 (PEFT's k-bit preparation) and adds the LoRA product unmerged; the checkpoint is plain bf16.
     torch.testing.assert_close(reloaded_logits, adapter_logits, atol=2e-2, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CPU 4-bit kernels: bitsandbytes' packed AVX512-BF16 kernel where the shape fits, dequantize + matmul elsewhere.
+# Both branches run on every CPU kind: the switch is checked with the kernel available and not, the packing (torch
+# code) and unpacking anywhere; the packed kernel itself only runs where the CPU has it (PACKED_HERE).
+
+PACKED_HERE = packed_4bit_cpu_kernel_available()
+QUALIFYING, REFUSED = (32, 64), (48, 32)  # (out, in): the packed layout takes the first, not the second
+# The tiny model of the kernel tests has both kinds in attention / MLPs and in the routed experts:
+# attention 64x64 and expert / shared gate, up 32x64 fit; expert / shared down 64x32 and the dense MLP 48x64 / 64x48 don't.
+MIXED_DIMS = {"hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 48, "n_shared_experts": 1}
+# Observed relative L2 error of the packed kernel (bf16 compute) vs the fp32 dequantized reference: 3e-3 per layer,
+# 4e-3 - 5e-3 on the mixed model's logits and routed experts (nf4 and nf4-dq).
+PACKED_RELATIVE_TOLERANCE = 2e-2
+
+
+def nf4_linear(out_features, in_features, double_quant=False, seed=0):
+    """(Linear4bit in eval mode, the fp32 weight it quantizes)."""
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    linear = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    linear.weight = bnb.nn.Params4bit(
+        weight.clone(), requires_grad=False, quant_type="nf4", compress_statistics=double_quant, module=linear
+    )._quantize("cpu")
+    return linear.eval(), weight
+
+
+def relative_error(actual, expected) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("quantization") / "mixed"
+    write_random_released_checkpoint(tiny_config(**MIXED_DIMS), directory, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=CONFIGS["nf4-dq"])
+
+
+def test_packed_layout_fits_exactly_the_shapes_bitsandbytes_can_pack():
+    for shape in [(2048, 1408), (1408, 2048), (2816, 2048), (2048, 2816), (2048, 10944), QUALIFYING]:
+        assert packed_4bit_layout_fits(*shape), shape
+    for shape in [REFUSED, (48, 64), (32, 32), (32, 96)]:
+        assert not packed_4bit_layout_fits(*shape), shape
+    # bitsandbytes' repacking (torch code, on any CPU) takes the first and crashes on the others
+    for shape in [QUALIFYING, (64, 128), REFUSED, (48, 64), (32, 32), (32, 96)]:
+        linear, _ = nf4_linear(*shape)
+        try:
+            quantization._pack_for_cpu(linear.weight, linear)
+            packed = True
+        except (AssertionError, RuntimeError):
+            packed = False
+        assert packed == packed_4bit_layout_fits(*shape), shape
+
+
+@pytest.mark.parametrize("kernel_available", [True, False])
+@pytest.mark.parametrize("shape", [QUALIFYING, REFUSED])
+def test_packed_kernel_switch_per_linear4bit(monkeypatch, shape, kernel_available):
+    monkeypatch.setattr(quantization, "packed_4bit_cpu_kernel_available", lambda: kernel_available)
+    linear, _ = nf4_linear(*shape)
+    configure_4bit_cpu_kernels(linear)
+    takes_it = kernel_available and shape == QUALIFYING
+    assert linear.support_avx512bf16_for_cpu == takes_it
+    assert cpu_4bit_kernel_path(linear) == (PACKED_KERNEL_PATH if takes_it else DEQUANTIZE_KERNEL_PATH)
+    configure_4bit_cpu_kernels(linear, packed=False)
+    assert not linear.support_avx512bf16_for_cpu
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape", [QUALIFYING, REFUSED, (32, 96), (64, 128)])
+def test_linear4bit_inference_equals_the_dequantized_reference(shape, double_quant):
+    linear, weight = nf4_linear(*shape, double_quant)
+    configure_4bit_cpu_kernels(linear)
+    reference = dequantize_weight(linear.weight, torch.float32)
+    assert relative_error(reference, weight) < 0.12  # NF4's error on Gaussian weights: 0.09
+    x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        output = linear(x)
+    packed = PACKED_HERE and packed_4bit_layout_fits(*shape)
+    assert is_packed_for_cpu(linear.weight) == packed
+    if packed:  # the kernel computes in bf16
+        assert relative_error(output, F.linear(x, reference)) < PACKED_RELATIVE_TOLERANCE
+    else:
+        assert torch.equal(output, F.linear(x, reference))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_packed_weight_unpacks_exactly_for_saving_and_training(double_quant):
+    linear, _ = nf4_linear(*QUALIFYING, double_quant)
+    configure_4bit_cpu_kernels(linear)
+    before = {name: value.clone() for name, value in linear.state_dict().items()}
+    reference = dequantize_weight(linear.weight)
+    x = torch.randn(5, QUALIFYING[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        linear(x)  # packs the weight on AVX512-BF16 CPUs; elsewhere pack it as such a CPU would
+    if not PACKED_HERE:
+        quantization._pack_for_cpu(linear.weight, linear)
+    assert is_packed_for_cpu(linear.weight)
+    assert torch.equal(dequantize_weight(linear.weight), reference)
+    # bitsandbytes' own unpacking loses the scales of a weight without double quantization, and re-quantizes the others
+    saved = linear.state_dict()
+    assert not is_packed_for_cpu(linear.weight)
+    assert saved.keys() == before.keys() and all(torch.equal(saved[name], before[name]) for name in before)
+
+    # A packed layer passes no gradient to its input: a training call after an inference call unpacks it.
+    if not PACKED_HERE:
+        quantization._pack_for_cpu(linear.weight, linear)
+    elif not is_packed_for_cpu(linear.weight):
+        with torch.no_grad():
+            linear(x)
+    assert is_packed_for_cpu(linear.weight)
+    linear.train()
+    inputs = x.clone().requires_grad_()
+    linear(inputs).pow(2).sum().backward()
+    assert not is_packed_for_cpu(linear.weight)
+    expected_inputs = x.clone().requires_grad_()
+    F.linear(expected_inputs, reference).pow(2).sum().backward()
+    torch.testing.assert_close(inputs.grad, expected_inputs.grad)
+
+
+def test_dequantize_weight_is_right_when_blocks_span_rows():
+    # bitsandbytes 0.50's AVX512 dequantize kernel reads one scale per (row, block): wrong for these shapes there.
+    for shape in [(16, 32), (32, 96), (6, 32)]:
+        linear, _ = nf4_linear(*shape)
+        one_row = copy.copy(linear.weight.quant_state)
+        one_row.shape = torch.Size([1, shape[0] * shape[1]])  # the same blocks, none spanning rows
+        expected = bnb.functional.dequantize_4bit(linear.weight.data, one_row).reshape(shape)
+        assert torch.equal(dequantize_weight(linear.weight), expected), shape
+        configure_4bit_cpu_kernels(linear)
+        x = torch.randn(3, shape[1])
+        with torch.no_grad():
+            assert torch.equal(linear(x), F.linear(x, expected)), shape
+
+
+def test_both_kinds_of_shape_in_the_tiny_model_get_their_kernel(mixed):
+    linears = [module for module in mixed.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    fits = {module: packed_4bit_layout_fits(module.out_features, module.in_features) for module in linears}
+    assert set(fits.values()) == {True, False}
+    for module, fit in fits.items():
+        assert module.support_avx512bf16_for_cpu == (PACKED_HERE and fit)
+    for block in moe_blocks(mixed):
+        experts = block.experts
+        assert experts.packed_kernels == PACKED_HERE
+        for _, name, projection in experts.projections():
+            assert isinstance(projection, DeepseekMoEExpertWeight)
+            assert projection.packed_kernel == (PACKED_HERE and name != "down")
+            assert cpu_4bit_kernel_path(projection) == cpu_4bit_kernel_path(
+                (projection.out_features, projection.in_features)
+            )
+
+
+def test_mixed_model_inference_matches_the_dequantized_model(mixed, input_ids):
+    model = copy.deepcopy(mixed)
+    expected = logits(dequantize_model(copy.deepcopy(mixed)), input_ids)
+    actual = logits(model, input_ids)
+    packed = [weight for weight in model.parameters() if is_packed_for_cpu(weight)]
+    if PACKED_HERE:  # attention, shared and routed experts' gate / up
+        assert packed and relative_error(actual, expected) < PACKED_RELATIVE_TOLERANCE
+    else:
+        assert not packed and torch.equal(actual, expected)
+    # The state dict after an inference call is the loaded one (and the model still computes the same).
+    fresh = {name: value.clone() for name, value in copy.deepcopy(mixed).state_dict().items()}
+    saved = model.state_dict()
+    assert saved.keys() == fresh.keys() and all(torch.equal(saved[name], fresh[name]) for name in fresh)
+    assert torch.equal(logits(model, input_ids), actual)
+    configure_4bit_cpu_kernels(model, packed=False)
+    assert torch.equal(logits(model, input_ids), expected)
+    output = mixed.generate(input_ids[:1, :5], attention_mask=torch.ones(1, 5), max_new_tokens=4, do_sample=False)
+    assert output.shape == (1, 9)
+
+
+def test_routed_experts_inference_loop_then_training(mixed):
+    experts = copy.deepcopy(moe_blocks(mixed)[0].experts)
+    dense = experts.to_dense()
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 64, generator=generator)
+    top_k_index = torch.stack([torch.randperm(8, generator=generator)[:3] for _ in range(10)])
+    top_k_weights = torch.rand(10, 3, generator=generator)
+    with torch.no_grad():
+        expected = dense(hidden, top_k_index, top_k_weights)
+        if PACKED_HERE:
+            output = experts.eval()(hidden, top_k_index, top_k_weights)
+            assert relative_error(output, expected) < PACKED_RELATIVE_TOLERANCE
+            assert is_packed_for_cpu(experts.expert(int(top_k_index[0, 0])).gate.weight)
+        # The same loop with every projection dequantized (what it does for the shapes the kernel refuses).
+        loop = copy.deepcopy(experts)
+        for _, _, projection in loop.projections():
+            projection.unpack()
+            projection.packed_kernel = False
+        torch.testing.assert_close(loop.eval()(hidden, top_k_index, top_k_weights), expected, rtol=1e-6, atol=1e-6)
+    # A call that needs gradients runs on the plain weights again, exactly as the dense experts do.
+    results = []
+    for module in (experts, dense):
+        states, weights = hidden.clone().requires_grad_(), top_k_weights.clone().requires_grad_()
+        output = module(states, top_k_index, weights)
+        output.pow(2).sum().backward()
+        results.append((output.detach(), states.grad, weights.grad))
+    assert not any(is_packed_for_cpu(projection.weight) for _, _, projection in experts.projections())
+    for quantized_result, dense_result in zip(*results):
+        assert torch.equal(quantized_result, dense_result)
+
+
+def test_kernel_path_descriptions(monkeypatch):
+    assert cpu_4bit_kernel_path((2048, 1408)) == (PACKED_KERNEL_PATH if PACKED_HERE else DEQUANTIZE_KERNEL_PATH)
+    assert cpu_4bit_kernel_path(REFUSED) == DEQUANTIZE_KERNEL_PATH
+    line = describe_cpu_4bit_kernels()
+    assert line.startswith(PACKED_KERNEL_PATH if PACKED_HERE else DEQUANTIZE_KERNEL_PATH) and "\n" not in line
+    monkeypatch.setattr(quantization, "is_bitsandbytes_available", lambda: False)
+    assert "bitsandbytes is not installed" in describe_cpu_4bit_kernels()
+
+
+def test_bitsandbytes_kernels_notice_is_dropped_and_its_other_warnings_kept():
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def shown(message: str) -> bool:
+        return bool(logger.filter(logging.LogRecord(logger.name, logging.WARNING, __file__, 1, message, (), None)))
+
+    assert not shown("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...")
+    assert shown("Some other bitsandbytes warning")
+    # bitsandbytes logs the notice when it is imported (on AVX512-BF16 CPUs without `kernels`); peft imports it.
+    code = "import modeling_deepseekmoe, peft, bitsandbytes"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert "kernels-community" not in result.stderr
 
 
 # --------------------------------------------------------------------------------------------------------------------
