@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+from dataclasses import fields
+
+from modeling_deepseekmoe.loading import QuantizationArguments
+import os
 import textwrap
 import time
 
@@ -51,10 +55,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     ours = parser.add_argument_group("deepseekmoe (merged into --model_args)")
     ours.add_argument("--pretrained", dest=_OURS + "pretrained", metavar="PATH", help="checkpoint directory or hub id")
     adapter = ours.add_mutually_exclusive_group()
-    adapter.add_argument("--peft", dest=_OURS + "peft", metavar="DIR", help="LoRA (PEFT) adapter directory")
-    adapter.add_argument("--esft", dest=_OURS + "esft", metavar="DIR", help="ESFT adapter directory")
+    adapter.add_argument("--adapter", "--adapter_name_or_path", dest=_OURS + "adapter", metavar="DIR",
+                         help="a LoRA or ESFT adapter directory (recognised by its files)")
+    adapter.add_argument("--peft", "--esft", dest=_OURS + "adapter", metavar="DIR", help="the same as --adapter")
     ours.add_argument("--dtype", dest=_OURS + "dtype", metavar="DTYPE", help="e.g. bfloat16, float32, auto")
-    ours.add_argument("--load_in_4bit", dest=_OURS + "load_in_4bit", action="store_true", help="bitsandbytes 4-bit")
+    for option in fields(QuantizationArguments):  # the one set of quantization flags (nf4 + double quant, ...)
+        kwargs = {"action": "store_true"} if option.default is False else {"metavar": option.name.upper()}
+        ours.add_argument(f"--{option.name}", dest=_OURS + option.name, help=option.metadata.get("help"), **kwargs)
     ours.add_argument("--device_map", dest=_OURS + "device_map", metavar="MAP", help="e.g. auto (several GPUs)")
     ours.add_argument("--vllm", dest=_OURS + "vllm", action="store_true",
                       help="lm-eval's vLLM backend (released-layout checkpoints; needs vllm installed)")  # fmt: skip
@@ -129,6 +136,7 @@ def lm_eval_namespace(args: argparse.Namespace) -> argparse.Namespace:
     namespace.model_args = _model_args(args, namespace.model_args or {}, use_vllm)
     if "pretrained" not in namespace.model_args and not namespace.config:
         raise ValueError("No model to evaluate: pass --pretrained PATH (or --model_args pretrained=PATH).")
+    check_local_paths(namespace.model_args)
     namespace.include_path = [str(TASKS_DIR)] + ([namespace.include_path] if namespace.include_path else [])
     namespace.device = namespace.device or default_device()
     data_dir = getattr(args, _OURS + "data_dir")
@@ -137,11 +145,26 @@ def lm_eval_namespace(args: argparse.Namespace) -> argparse.Namespace:
     return namespace
 
 
+def check_local_paths(model_args: dict) -> None:
+    """A model or adapter given as a path that does not exist is named now, not after lm-eval has started (and not
+    as "Repo id must be in the form ..."). Values that could be Hub repo ids ("name", "org/name") are left to it."""
+    for key in ("pretrained", "adapter", "peft", "esft", "lora_local_path"):
+        value = model_args.get(key)
+        if isinstance(value, str) and not os.path.exists(value) and looks_like_a_path(value):
+            flag = {"lora_local_path": "peft"}.get(key, key)
+            raise FileNotFoundError(f"--{flag} {value}: no such directory; check the path.")
+
+
+def looks_like_a_path(value: str) -> bool:
+    """Not a Hub repo id: absolute, relative to . or ~, or more than one folder deep."""
+    return os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1 or "\\" in value
+
+
 def _model_args(args: argparse.Namespace, given: dict, use_vllm: bool) -> dict:
     """``--model_args`` with this command's own flags merged in (ours win where both are given)."""
-    ours = {name: getattr(args, _OURS + name) for name in ("pretrained", "peft", "esft", "dtype", "device_map")}
-    if getattr(args, _OURS + "load_in_4bit"):
-        ours["load_in_4bit"] = True
+    flags = [option.name for option in fields(QuantizationArguments)]
+    names = ("pretrained", "adapter", "dtype", "device_map", *flags)
+    ours = {name: getattr(args, _OURS + name) for name in names}
     ours = {key: value for key, value in ours.items() if value not in (None, False)}
     if use_vllm:
         ours = _vllm_model_args(ours)
@@ -151,11 +174,15 @@ def _model_args(args: argparse.Namespace, given: dict, use_vllm: bool) -> dict:
 def _vllm_model_args(ours: dict) -> dict:
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("--vllm needs vLLM installed (pip install vllm); without it, leave --vllm out.")
-    for unsupported in ("esft", "load_in_4bit", "device_map"):
+    from deepseekmoe.finetune.adapters import LORA, adapter_kind
+
+    for unsupported in ("load_in_4bit", "load_in_8bit", "device_map"):
         if unsupported in ours:
             raise ValueError(f"--{unsupported} is not available with --vllm; use the default (HF) backend for it.")
-    if "peft" in ours:
-        ours["lora_local_path"] = ours.pop("peft")
+    if "adapter" in ours:
+        if adapter_kind(ours["adapter"]) != LORA:
+            raise ValueError("An ESFT adapter is not available with --vllm: merge it (deepseekmoe esft merge) first.")
+        ours["lora_local_path"] = ours.pop("adapter")
     return ours
 
 

@@ -1,14 +1,18 @@
 """DeepSeekMoE in lm-evaluation-harness: the ``deepseekmoe`` lm-eval model and :func:`evaluate`.
 
 Importing this module registers the model with lm-eval (``--model deepseekmoe``) and the ``deepseek`` model type with
-transformers. The model is lm-eval's HF model (``HFLM``) with the project's own loading:
+transformers. The model is lm-eval's HF model (``HFLM``) loading through the project's one loader
+(``deepseekmoe.finetune.adapters.load_model``):
 
 - ``pretrained``: a checkpoint directory (released layout or ``save_pretrained`` output) or hub id;
-- ``peft``: a LoRA (PEFT) adapter directory, or ``esft``: an ESFT adapter directory (not both);
+- ``adapter``: a LoRA (PEFT, routed-expert LoRA included) or ESFT adapter directory, recognised by its files
+  (``peft=`` and ``esft=`` are the same argument under lm-eval's and the old names; give one);
 - ``dtype``, ``device``, ``device_map`` (e.g. ``auto`` to spread over GPUs), ``batch_size`` (an int, ``auto``,
   ``auto:N``);
-- ``load_in_4bit``: bitsandbytes 4-bit through a ``BitsAndBytesConfig`` built here (lm-eval would hand the flag to
-  ``from_pretrained``, which transformers 5 rejects); ``bnb_4bit_compute_dtype``, ``bnb_4bit_quant_type``.
+- ``load_in_4bit`` / ``load_in_8bit`` and ``bnb_4bit_quant_type``, ``use_bnb_nested_quant``,
+  ``bnb_4bit_compute_dtype``, ``bnb_4bit_quant_storage``: bitsandbytes as everywhere in the project (nf4 + double
+  quant, bf16 compute where supported); lm-eval would hand the flags to ``from_pretrained``, which transformers 5
+  rejects.
 
 Loglikelihood texts (``loglikelihood_rolling``: perplexity, bits per byte) are scored after one BOS token; lm-eval's
 HF model puts two there with a tokenizer that adds BOS itself, as DeepSeek's does.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +31,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
 
 import modeling_deepseekmoe  # noqa: F401  (registers the "deepseek" model type with the Auto classes)
+from modeling_deepseekmoe.loading import QuantizationArguments
 
 from . import report, suite
 
@@ -45,79 +50,70 @@ def default_device() -> str:
 
 @register_model(MODEL_NAME)
 class DeepseekMoELM(HFLM):
-    """lm-eval's HF causal LM for DeepSeekMoE checkpoints, with LoRA/ESFT adapters and bitsandbytes 4-bit."""
+    """lm-eval's HF causal LM for DeepSeekMoE checkpoints, with LoRA/ESFT adapters and bitsandbytes 4/8-bit."""
 
     def __init__(
         self,
         pretrained,
+        adapter: str | None = None,
         peft: str | None = None,
         esft: str | None = None,
-        load_in_4bit: bool = False,
-        bnb_4bit_compute_dtype: str | None = None,
-        bnb_4bit_quant_type: str = "nf4",
         device_map: str | dict | None = None,
         device: str | None = None,
         backend: str = "causal",
         **kwargs,
     ) -> None:
-        load_in_4bit = _as_bool(load_in_4bit)
-        if peft and esft:
-            raise ValueError("Pass either a LoRA adapter (peft=...) or an ESFT adapter (esft=...), not both.")
-        if esft and load_in_4bit:
+        given = {name: value for name, value in (("adapter", adapter), ("peft", peft), ("esft", esft)) if value}
+        if len(given) > 1:
             raise ValueError(
-                "ESFT adapters replace expert weights and cannot be written into 4-bit experts: apply the adapter to "
-                "the base (deepseekmoe.finetune.esft.adapter.apply_esft_adapter), save_pretrained, then evaluate "
-                "that checkpoint in 4-bit."
+                "Pass either a LoRA adapter (peft=...) or an ESFT adapter (esft=...), or adapter=DIR for either; got "
+                f"{' and '.join(f'{name}=' for name in given)}."
             )
-        self.esft = esft
-        self._load_in_4bit = load_in_4bit
-        self._bnb_compute_dtype = bnb_4bit_compute_dtype
-        self._bnb_quant_type = bnb_4bit_quant_type
+        self.adapter = next(iter(given.values()), None)
+        if self.adapter and kwargs.get("tokenizer") is None:
+            from deepseekmoe.finetune.adapters import tokenizer_source
+
+            kwargs["tokenizer"] = tokenizer_source(pretrained, self.adapter)  # an SFT adapter's chat template
+        flags = {f.name for f in fields(QuantizationArguments)}
+        self._quantization = QuantizationArguments.from_dict(
+            {name: _as_bool(value) if name.startswith("load_in") or name == "use_bnb_nested_quant" else value
+             for name, value in kwargs.items() if name in flags}
+        )  # fmt: skip
+        kwargs = {name: value for name, value in kwargs.items() if name not in flags}
         self._device_map = device_map
         self._bos_added_by_prefix = False
         if device_map is not None:
             kwargs["parallelize"] = True  # placement is the device map's; HFLM must not move the model afterwards
         device = device or default_device()
-        super().__init__(pretrained=pretrained, peft=peft, device=device, backend=backend, **kwargs)
+        super().__init__(pretrained=pretrained, device=device, backend=backend, **kwargs)
 
     # ------------------------------------------------------------------ loading
     def _create_model(self, pretrained: str, revision="main", dtype="auto", trust_remote_code=False, peft=None,
                       quantization_config=None, subfolder="", **kwargs) -> None:  # fmt: skip
-        """Load the checkpoint (4-bit if asked), apply the generation defaults, then the adapter."""
+        """Load the checkpoint (quantized if asked) with the adapter, then apply the generation defaults."""
+        from deepseekmoe.finetune.adapters import load_model
+
         _reject_unsupported(kwargs)
         load_kwargs = {key: value for key, value in kwargs.items() if key not in _PLACEMENT_ARGS}
-        if self._load_in_4bit:
-            quantization_config = self._bnb_config(dtype)
-        model = self.AUTO_MODEL_CLASS.from_pretrained(
+        if not self._quantization.quantization:
+            load_kwargs["quantization_config"] = quantization_config  # a checkpoint saved quantized
+        model = load_model(
             pretrained,
+            self.adapter,
             revision=revision,
             subfolder=subfolder,
             dtype=get_dtype(dtype),
             trust_remote_code=trust_remote_code,
-            quantization_config=quantization_config,
+            quantization=self._quantization,
             device_map=self._device_map if self._device_map is not None else {"": str(self.device)},
             **load_kwargs,
         )
-        if hasattr(model, "apply_generation_defaults"):
-            model.apply_generation_defaults(tokenizer_size=len(self.tokenizer))
-        if self.esft:
-            model = apply_esft(model, self.esft)
-        if peft:
-            model = apply_lora(model, peft)
-        self._model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(base, "apply_generation_defaults"):
+            base.apply_generation_defaults(tokenizer_size=len(self.tokenizer))
+        self._model = model.eval()
         if self._device_map is not None:
             self._device = model.get_input_embeddings().weight.device
-
-    def _bnb_config(self, dtype):
-        from transformers import BitsAndBytesConfig
-
-        compute_dtype = self._bnb_compute_dtype or (dtype if dtype not in (None, "auto") else "bfloat16")
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_compute_dtype=get_dtype(compute_dtype),
-            bnb_4bit_quant_type=self._bnb_quant_type,
-            bnb_4bit_use_double_quant=True,
-        )
 
     # ------------------------------------------------------------------ scoring
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -138,8 +134,8 @@ class DeepseekMoELM(HFLM):
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
-        if self.esft:
-            info["esft_adapter"] = str(self.esft)
+        if self.adapter:
+            info["adapter"] = str(self.adapter)
         return info
 
 
@@ -156,42 +152,6 @@ def _reject_unsupported(kwargs: dict) -> None:
             raise ValueError(f"The {MODEL_NAME} model does not support {name}=...; use lm-eval's `hf` model for it.")
 
 
-def apply_esft(model, adapter_dir):
-    """Write an ESFT adapter's expert weights into ``model`` (raises ValueError if it belongs to another base)."""
-    from deepseekmoe.finetune.esft.adapter import apply_esft_adapter
-
-    return apply_esft_adapter(model, adapter_dir)
-
-
-def apply_lora(model, adapter_dir):
-    """Wrap ``model`` with a LoRA adapter; an adapter made for another base raises ValueError saying so."""
-    from peft import PeftModel
-
-    path = Path(adapter_dir)
-    looks_local = path.is_absolute() or path.parts[0] in (".", "..") or path.exists()
-    if looks_local and not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory: adapter_config.json is missing.")
-    try:
-        wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise ValueError(f"The LoRA adapter {adapter_dir} does not match the base model: {err}") from err
-    _check_lora_keys(wrapped, adapter_dir)
-    return wrapped.eval()
-
-
-def _check_lora_keys(wrapped, adapter_dir) -> None:
-    """PEFT only warns about adapter tensors that find no module in the base; here that is an error."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(wrapped, load_peft_weights(str(adapter_dir)))
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise ValueError(
-            f"The LoRA adapter {adapter_dir} does not match the base model: {len(unexpected)} adapter tensor(s) have "
-            f"no place in it, e.g. {unexpected[:3]}."
-        )
-
-
 # ---------------------------------------------------------------------- library API
 @dataclass
 class Evaluation:
@@ -205,9 +165,11 @@ class Evaluation:
     model_card: Path | None = None  # the README.md the table was written into, when model_card=True
 
 
-def model_args(pretrained, *, peft=None, esft=None, dtype="auto", load_in_4bit=False, device_map=None, **more) -> dict:
+def model_args(pretrained, *, adapter=None, peft=None, esft=None, dtype="auto", load_in_4bit=False,
+               device_map=None, **more) -> dict:  # fmt: skip
     """The ``model_args`` of the ``deepseekmoe`` lm-eval model (None values left out)."""
-    args = {"pretrained": str(pretrained), "peft": peft, "esft": esft, "dtype": dtype, "device_map": device_map}
+    args = {"pretrained": str(pretrained), "adapter": adapter, "peft": peft, "esft": esft, "dtype": dtype,
+            "device_map": device_map}  # fmt: skip
     args = {key: str(value) if isinstance(value, os.PathLike) else value for key, value in args.items()}
     if load_in_4bit:
         args["load_in_4bit"] = True
@@ -219,6 +181,7 @@ def evaluate(
     pretrained: str | os.PathLike,
     tasks: str | list,
     *,
+    adapter: str | os.PathLike | None = None,
     peft: str | os.PathLike | None = None,
     esft: str | os.PathLike | None = None,
     dtype: str = "auto",
@@ -238,7 +201,8 @@ def evaluate(
     extra_model_args: dict | None = None,
     **simple_evaluate_kwargs,
 ) -> Evaluation:
-    """Evaluate a DeepSeekMoE checkpoint (optionally with a LoRA or ESFT adapter) with lm-evaluation-harness.
+    """Evaluate a DeepSeekMoE checkpoint (optionally with a LoRA or ESFT adapter: ``adapter``, or under the old names
+    ``peft`` / ``esft``) with lm-evaluation-harness.
 
     ``tasks`` are lm-eval task or group names (the paper suite: ``paper_base``, ``paper_chat``, ``*_local``; the tiny
     offline suite: ``dsmoe_tiny``), YAML paths or inline configs. ``data_dir`` holds the files of the local paper
@@ -253,7 +217,7 @@ def evaluate(
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
     metadata = {"data_dir": str(data_dir)} if data_dir is not None else None
     manager = suite.build_task_manager(task_list, include_path=include_path, metadata=metadata)
-    args = model_args(pretrained, peft=peft, esft=esft, dtype=dtype, load_in_4bit=load_in_4bit,
+    args = model_args(pretrained, adapter=adapter, peft=peft, esft=esft, dtype=dtype, load_in_4bit=load_in_4bit,
                       device_map=device_map, **(extra_model_args or {}))  # fmt: skip
     card_dir = report.card_directory(args) if model_card else None  # fail before evaluating, not after
     tracker = EvaluationTracker(output_path=str(output_path)) if output_path is not None else None

@@ -184,7 +184,8 @@ def write_markdown_beside(results_file: Path | None, markdown: str) -> Path | No
 
 def card_directory(model_args: dict) -> Path:
     """The checkpoint a model card belongs to: the adapter's directory if there is one, else ``pretrained``."""
-    location = model_args.get("esft") or model_args.get("peft") or model_args.get("pretrained")
+    location = (model_args.get("adapter") or model_args.get("esft") or model_args.get("peft")
+                or model_args.get("pretrained"))  # fmt: skip
     path = Path(str(location))
     if not path.is_dir():
         raise FileNotFoundError(f"Cannot write a model card: {location} is not a local checkpoint directory.")
@@ -194,6 +195,6 @@ def card_directory(model_args: dict) -> Path:
 def write_model_card(model_dir: str | os.PathLike, results: dict, paper_model: str | None = None) -> Path:
     """Put the results into the Evaluation section of ``model_dir/README.md`` (the project's model card), replacing
     an earlier one; a directory without a card gets a minimal one."""
-    from deepseekmoe.model_card import set_eval_table
+    from deepseekmoe.model_cards.card import set_eval_table
 
     return set_eval_table(model_dir, markdown_report(results, paper_model, heading=False))

@@ -27,7 +27,9 @@ def _run_sft(args: argparse.Namespace) -> None:
     from .sft import parse_sft_args, run_sft
 
     result = run_sft(*parse_sft_args(args.sft_argv, prog="deepseekmoe sft"))
-    if result.summary is not None:
+    if result.skipped:
+        print(result.skipped)
+    elif result.summary is not None:
         print(f"Saved to {result.output_dir}. Run summary: {result.summary}")
 
 
@@ -39,14 +41,17 @@ def add_merge_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model_name_or_path", required=True, help="the base checkpoint the adapter was trained on")
     parser.add_argument("--adapter_name_or_path", required=True, help="the adapter (an SFT output or checkpoint dir)")
     parser.add_argument("--output_dir", required=True, help="where the merged checkpoint is written")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    from modeling_deepseekmoe.loading import DTYPES
+
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES),
                         help="dtype of the merged weights (auto: the base checkpoint's)")
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "4bit", "8bit"],
                         help="merge into the dequantized 4/8-bit base the adapter was trained on (auto: as recorded "
                         "in the run's sft_run.json) or into the full-precision base (none)")
     parser.add_argument("--tokenizer_name_or_path", default=None, help="tokenizer to save (default: the adapter's)")
     parser.add_argument("--max_shard_size", default="5GB")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty output_dir (never the base or the adapter)")
     parser.set_defaults(func=_run_merge)
     return parser
 

@@ -24,6 +24,8 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from modeling_deepseekmoe.tokenization import DEEPSEEK_CHAT_TEMPLATE, install_chat_template
 
+from .formats import row_format, standardize_dataset
+
 
 MESSAGES, PROMPT_COMPLETION, TEXT = "messages", "prompt_completion", "text"
 FORMATS = ("auto", MESSAGES, PROMPT_COMPLETION, TEXT)
@@ -70,8 +72,76 @@ def load_sft_dataset(path: str | os.PathLike, split: str = "train") -> Dataset:
     try:
         dataset = load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # datasets raises several error types for unparsable files
-        raise DatasetValidationError(f"Cannot read {path} as {builder}: {err}") from err
+        if builder in ("json", "csv"):
+            locate_text_error(path, builder)
+        raise DatasetValidationError(f"Cannot read {path} as {builder}: {_root_cause(err)}") from err
     return _check_not_empty(dataset, path)
+
+
+def locate_text_error(path: Path, builder: str) -> None:
+    """Why a JSON/JSONL/CSV file did not load, as a `DatasetValidationError` naming the line (and row): bytes that
+    are not UTF-8, or (JSON) the first line that does not parse; the datasets library names neither. Returns when
+    it finds neither."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DatasetValidationError(
+            f"{path} line {line}{_row_of_line(data, line, builder)}: byte 0x{data[err.start]:02x} at column {column} "
+            "is not UTF-8 text; re-save the file as UTF-8."
+        ) from err
+    if builder != "json":
+        return
+    try:
+        json.loads(text)
+        return  # one JSON document
+    except json.JSONDecodeError as document_error:
+        lines = text.split("\n")
+        first = next(line for line in lines if line.strip())
+        if not _parses(first):  # a document spread over lines (a list of rows, pretty-printed): its own position
+            raise DatasetValidationError(
+                f"{path} line {document_error.lineno} is not valid JSON ({document_error.msg} at column "
+                f"{document_error.colno}); fix the file."
+            ) from document_error
+    for number, line in enumerate(lines, start=1):  # JSON Lines: the first row that does not parse
+        if line.strip() and not _parses(line):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetValidationError(
+                    f"{path} line {number}{_row_of_line(data, number, builder)} is not valid JSON ({err.msg} at "
+                    f"column {err.colno}); fix or remove that line."
+                ) from err
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _row_of_line(data: bytes, line: int, builder: str) -> str:
+    """" (row N)" for a 1-based line: the 0-based row, as errors about rows count them (JSON Lines skip blank lines,
+    CSV its header); empty for a CSV row with quoted line breaks, where lines and rows differ."""
+    before = data.split(b"\n")[: line - 1]
+    if builder == "csv":
+        return " (the header)" if line == 1 else "" if b'"' in data else f" (row {line - 2})"
+    return f" (row {sum(1 for text in before if text.strip())})"
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost message of an error chain, on one line ("An error occurred while generating the dataset" says
+    nothing; its cause names the problem)."""
+    messages = []
+    while err is not None and len(messages) < 10:
+        if str(err).strip():
+            messages.append(" ".join(str(err).split()))
+        err = err.__cause__ or err.__context__
+    return messages[-1] if messages else "unknown error"
 
 
 def _check_not_empty(dataset: Dataset, source) -> Dataset:
@@ -104,15 +174,17 @@ def _required_columns(data_format: str, text_field: str) -> tuple[str, ...]:
     return {MESSAGES: ("messages",), PROMPT_COMPLETION: ("prompt", "completion"), TEXT: (text_field,)}[data_format]
 
 
-def normalize_dataset(dataset: Dataset, data_format: str = "auto", text_field: str = "text") -> tuple[Dataset, str]:
+def normalize_dataset(
+    dataset: Dataset, data_format: str = "auto", text_field: str = "text", source=None
+) -> tuple[Dataset, str]:
     """Check the columns for `data_format` ("auto" detects it), convert ShareGPT `conversations` and JSON-encoded
-    message lists (as CSV stores them) to `messages`, and validate every row. Returns (dataset, format)."""
+    message lists (as CSV stores them) to `messages`, and validate every row. Returns (dataset, format). `source`
+    (the file) is named in errors about undecodable rows."""
     if data_format not in FORMATS:
         raise DatasetValidationError(f"dataset_format must be one of {FORMATS}, got {data_format!r}.")
     if len(dataset) == 0:
         raise DatasetValidationError("The dataset is empty (0 rows).")
-    if "conversations" in dataset.column_names and "messages" not in dataset.column_names:
-        dataset = dataset.map(_sharegpt_to_messages, remove_columns=["conversations"], desc="Converting conversations")
+    dataset = standardize_dataset(dataset)  # ShareGPT `conversations`, Alpaca `instruction`/`input`/`output`
     if data_format == "auto":
         data_format = detect_format(dataset.column_names, text_field)
     missing = [c for c in _required_columns(data_format, text_field) if c not in dataset.column_names]
@@ -122,14 +194,20 @@ def normalize_dataset(dataset: Dataset, data_format: str = "auto", text_field: s
             f"(columns: {sorted(dataset.column_names)})."
         )
     dataset = dataset.select_columns(list(_required_columns(data_format, text_field)))
-    rows = [_validated_row(dataset[i], i, data_format, text_field) for i in range(len(dataset))]
+    rows = [_validated_row(_read_row(dataset, i, source), i, data_format, text_field) for i in range(len(dataset))]
     return Dataset.from_list(rows), data_format
 
 
-def _sharegpt_to_messages(example: dict) -> dict:
-    roles = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-    turns = example["conversations"] or []
-    return {"messages": [{"role": roles.get(t.get("from"), t.get("from")), "content": t.get("value")} for t in turns]}
+def _read_row(dataset: Dataset, index: int, source) -> dict:
+    """A row; Arrow loads bytes that are not UTF-8 into text columns and fails only when the row is read."""
+    try:
+        return dataset[index]
+    except UnicodeDecodeError as err:
+        where = f"{source} row {index}" if source else f"Row {index}"
+        raise DatasetValidationError(
+            f"{where}: holds bytes that are not UTF-8 text ({err.reason}: byte 0x{err.object[err.start]:02x}); "
+            "re-save the file as UTF-8."
+        ) from err
 
 
 def _validated_row(row: dict, index: int, data_format: str, text_field: str) -> dict:
@@ -141,27 +219,53 @@ def _validated_row(row: dict, index: int, data_format: str, text_field: str) -> 
     if data_format == MESSAGES:
         messages = _decode_messages(row["messages"], index, "messages")
         check_conversation(messages, index)
+        check_answers(messages, index)
         return {"messages": messages}
     prompt, completion = row["prompt"], row["completion"]
-    if isinstance(prompt, str) and isinstance(completion, str):
+    plain = [name for name, value in (("prompt", prompt), ("completion", completion)) if _is_plain_text(value)]
+    if len(plain) == 2:
         if not completion.strip():
             raise DatasetValidationError(f"Row {index}: field 'completion' is empty; there is nothing to train on.")
         return {"prompt": prompt, "completion": completion}
+    if len(plain) == 1:
+        other = "completion" if plain == ["prompt"] else "prompt"
+        raise DatasetValidationError(
+            f"Row {index}: field {other!r} is {_describe(row[other])} while {plain[0]!r} is text; both must be "
+            "strings, or both lists of {'role', 'content'} messages."
+        )
     prompt = _decode_messages(prompt, index, "prompt")
     completion = _decode_messages(completion, index, "completion")
     check_conversation(prompt, index, field="prompt", expect_last="user")
     roles = [m["role"] for m in completion]
     if roles != ["assistant"]:
         raise DatasetValidationError(f"Row {index}: field 'completion' must be one assistant message, got {roles}.")
+    check_answers(completion, index, "completion")
     return {"prompt": prompt, "completion": completion}
+
+
+def _is_plain_text(value) -> bool:
+    """A string that is not a JSON-encoded message list (as CSV stores those)."""
+    return isinstance(value, str) and not value.lstrip().startswith("[")
+
+
+def check_answers(messages: list[dict], index: int, field: str = "messages") -> None:
+    """Every assistant turn has text: an empty answer trains the model to answer with nothing (as an empty
+    completion would)."""
+    for turn, message in enumerate(messages):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DatasetValidationError(
+                f"Row {index}: {field}[{turn}] is an assistant turn with empty content; there is nothing to train "
+                "on. Remove the row or write the answer."
+            )
 
 
 def _describe(value) -> str:
     if value is None:
         return "missing (null)"
     if isinstance(value, str):
-        return "an empty string"
-    return f"a {type(value).__name__}"
+        return "an empty string" if not value.strip() else "a string"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _decode_messages(value, index: int, field: str) -> list[dict]:
@@ -378,9 +482,11 @@ def prepare_sft_dataset(
 ) -> Dataset:
     """Load (a path) or take (a `Dataset`), validate and tokenize: a dataset of `input_ids` and `labels` ready for
     `SFTTrainer`, or a `DatasetValidationError` naming the row and field."""
+    source = None
     if not isinstance(dataset, Dataset):
+        source = dataset
         dataset = load_sft_dataset(dataset, split)
-    dataset, data_format = normalize_dataset(dataset, data_format, text_field)
+    dataset, data_format = normalize_dataset(dataset, data_format, text_field, source)
     if data_format == MESSAGES or (data_format == PROMPT_COMPLETION and not isinstance(dataset[0]["prompt"], str)):
         ensure_training_chat_template(tokenizer, assistant_only_loss and data_format == MESSAGES)
     options = TokenizeOptions(assistant_only_loss, completion_only_loss, text_field)

@@ -22,6 +22,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
+from modeling_deepseekmoe.routing import decoder_layer_index
+
 from .expert_compute import grouped_projection, linear, looped_projection, sorted_experts_forward
 
 
@@ -56,7 +58,10 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
             base.hidden_dim,
             base.intermediate_dim,
         )
-        self.lora_expert_ids = BufferDict(persistent=True)  # saved with the adapter: which experts carry LoRA
+        # Which experts carry LoRA. Not in the state dict (a persistent non-parameter tensor breaks FSDP2's
+        # rank-0 loading): the selection is saved in the adapter config (`finetune.lora.DeepseekMoELoraConfig`).
+        self.lora_expert_ids = BufferDict(persistent=False)
+        self._expert_slots: dict[str, dict[int, int]] = {}
         self._expert_selection = expert_ids
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
@@ -67,7 +72,7 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
     def _selected_experts(self, target_name: str) -> list[int]:
         if self._expert_selection is None:
             return list(range(self.num_experts))
-        layer = int(target_name.split("layers.")[-1].split(".")[0])
+        layer = decoder_layer_index(target_name)
         return sorted(self._expert_selection.get(layer, []))
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
@@ -93,8 +98,11 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
         self.lora_A[adapter_name] = ExpertLoraPair((count, r, hidden), (count, r, width))
         self.lora_B[adapter_name] = ExpertLoraPair((count, 2 * width, r), (count, hidden, r))
         self.lora_expert_ids[adapter_name] = torch.tensor(experts, dtype=torch.long)
+        self._expert_slots[adapter_name] = {expert: slot for slot, expert in enumerate(experts)}
         self._init_lora(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name, device=self._base_device())
+        if self.lora_expert_ids[adapter_name].is_meta:  # a base loaded on the meta device (FSDP2, ranks > 0)
+            self.lora_expert_ids[adapter_name] = torch.tensor(experts, dtype=torch.long)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _base_device(self) -> torch.device:
@@ -195,7 +203,7 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
         # Unbind the LoRA factors once, so that the backward does not build a full-size gradient per expert slice.
         factors = {}
         for adapter in adapters:
-            slots = {int(e): i for i, e in enumerate(self.lora_expert_ids[adapter].tolist())}
+            slots = self._expert_slots[adapter]
             a = getattr(self.lora_A[adapter], which).unbind(0)
             b = getattr(self.lora_B[adapter], which).unbind(0)
             factors[adapter] = (slots, a, b)

@@ -5,16 +5,20 @@ layer, load adapters back (re-registering the expert layer) and merge into a pla
     model = peft.get_peft_model(model, config)
 """
 
+import dataclasses
 import functools
+import json
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 
 from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoEExperts
+from modeling_deepseekmoe.routing import decoder_layer_index
 from modeling_deepseekmoe.quantization import DeepseekMoEQuantizedExperts
 
 from .expert_lora import ExpertsLoraLayer
@@ -28,6 +32,16 @@ TARGET_GROUPS = {
     "dense_mlp": r"mlp\.(gate_proj|up_proj|down_proj)",
 }
 TARGET_ALIASES = {"all": list(TARGET_GROUPS), "all-linear": ["attention", "shared_experts", "dense_mlp"]}
+
+
+@dataclass
+class DeepseekMoELoraConfig(LoraConfig):
+    """PEFT's `LoraConfig` plus the routed experts that carry LoRA (`expert_ids`, {layer: [expert ids]}; None for
+    every expert of every targeted layer), saved in the adapter's `adapter_config.json`."""
+
+    expert_ids: dict[int, list[int]] | None = field(
+        default=None, metadata={"help": "Routed experts that get LoRA, per layer (None: all of them)."}
+    )
 
 
 def target_modules_pattern(targets: str | Iterable[str], layers: Iterable[int] | None = None) -> str:
@@ -64,7 +78,7 @@ def build_lora_config(
     "shared_experts", "dense_mlp", or "all" / "all-linear", or module-name regexes; `layers`: layer indices (all by
     default); `expert_ids`: {layer: [expert ids]} to put LoRA on chosen routed experts only. The router is never a
     target."""
-    config = LoraConfig(
+    config = DeepseekMoELoraConfig(
         target_modules=target_modules_pattern(target, layers),
         r=r,
         lora_alpha=lora_alpha,
@@ -80,30 +94,45 @@ def register_expert_lora(config: LoraConfig, expert_ids: dict[int, list[int]] | 
     layer_class = ExpertsLoraLayer
     if expert_ids is not None:
         selection = {int(layer): sorted(int(e) for e in ids) for layer, ids in expert_ids.items()}
+        if not isinstance(config, DeepseekMoELoraConfig):
+            raise ValueError("LoRA on chosen experts needs a DeepseekMoELoraConfig (build_lora_config makes one), so "
+                             "that the selection is saved with the adapter.")
+        config.expert_ids = selection
         layer_class = functools.partial(ExpertsLoraLayer, expert_ids=selection)
     config._register_custom_module({DeepseekMoEExperts: layer_class, DeepseekMoEQuantizedExperts: layer_class})
     return config
 
 
 def saved_expert_selection(adapter_dir: str | os.PathLike) -> dict[int, list[int]] | None:
-    """The expert selection stored in an adapter's weights (`lora_expert_ids` buffers), or None if it has no expert
-    LoRA or covers every expert of every targeted layer."""
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    """The expert selection of a saved adapter (its `adapter_config.json`; adapters written before it was kept
+    there carry it as `lora_expert_ids` tensors in their weights), or None when every expert carries LoRA."""
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter: adapter_model.safetensors is missing.")
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text()).get("expert_ids")
+    if saved is not None:
+        return {int(layer): [int(e) for e in ids] for layer, ids in saved.items()}
     selection: dict[int, list[int]] = {}
     with safe_open(str(weights), framework="pt") as handle:
         for key in handle.keys():
-            match = re.search(r"layers\.(\d+)\.mlp\.experts\.lora_expert_ids", key)
-            if match:
-                selection[int(match.group(1))] = handle.get_tensor(key).tolist()
+            if key.endswith("mlp.experts.lora_expert_ids"):
+                selection[decoder_layer_index(key)] = handle.get_tensor(key).tolist()
     return selection or None
+
+
+def load_lora_config(adapter_dir: str | os.PathLike) -> DeepseekMoELoraConfig:
+    """An adapter's LoRA config, with the expert LoRA layer registered (PEFT's own loader would drop `expert_ids`)."""
+    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    names = {f.name for f in dataclasses.fields(DeepseekMoELoraConfig) if f.init}
+    values = {key: value for key, value in saved.items() if key in names and key != "expert_ids"}
+    config = DeepseekMoELoraConfig(**values)
+    return register_expert_lora(config, saved_expert_selection(adapter_dir))
 
 
 def load_lora_adapter(model, adapter_dir: str | os.PathLike, is_trainable: bool = False, **kwargs) -> PeftModel:
     """`PeftModel.from_pretrained` for DeepSeekMoE adapters, with the expert LoRA layer registered again."""
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    register_expert_lora(config, saved_expert_selection(adapter_dir))
+    config = load_lora_config(adapter_dir)
     return PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=is_trainable, **kwargs)
 
 

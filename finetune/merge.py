@@ -5,7 +5,9 @@
 The result is what the native model, the reference remote code and vLLM load: per-expert safetensors shards + index
 (`model.layers.{i}.mlp.experts.{j}.{gate,up,down}_proj.weight`, expert LoRA merged into them), `config.json` with
 `model_type: "deepseek"`, and the tokenizer (the adapter's, which carries the chat template, else the base's).
-It is written to a staging folder, checked against the released layout (`validate_checkpoint`) and then renamed.
+It is written through the project's one checkpoint writer (`modeling_deepseekmoe.checkpoint_writer`): staged beside
+the destination, checked against the released layout, given normal permissions, renamed into place; the output may
+not be the base or the adapter (nor, with `overwrite`, a folder holding them).
 
 A QLoRA adapter (trained on a 4-bit / 8-bit base, as recorded in the run's `sft_run.json`) is merged into the
 dequantized base weights, the weights it was trained against, unless `quantization="none"` asks for the original
@@ -14,17 +16,18 @@ full-precision base.
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoTokenizer
 
 from modeling_deepseekmoe import DeepseekMoEForCausalLM
-from modeling_deepseekmoe.checkpoint import validate_checkpoint
+from modeling_deepseekmoe import checkpoint_writer
 
-from .lora import load_lora_adapter, merge_lora
+from modeling_deepseekmoe.loading import QuantizationArguments
+
+from .adapters import load_model
+from .lora import merge_lora
 
 
 RUN_INFO_FILE = "sft_run.json"  # written by finetune.sft next to the adapter
@@ -60,27 +63,19 @@ def merged_model(
             f"{adapter_dir} holds no LoRA adapter (adapter_config.json). The output of a full fine-tuning run is "
             "already a plain checkpoint and needs no merge."
         )
-    if quantization == "auto":
-        quantization = adapter_run_info(adapter_dir).get("quantization") or "none"
+    quantization = resolved_quantization(adapter_dir, quantization)
     torch_dtype = _resolve_dtype(dtype, base_model_name_or_path)
+    # The run's quantization flags (quant type, double quant, compute dtype), as it was trained.
+    options = QuantizationArguments.from_dict({**_run_model_args(adapter_dir), "load_in_4bit": quantization == "4bit",
+                                               "load_in_8bit": quantization == "8bit"})  # fmt: skip
+    adapted = load_model(base_model_name_or_path, adapter_dir, dtype=torch_dtype, quantization=options,
+                         model_class=DeepseekMoEForCausalLM)  # fmt: skip
     if quantization == "none":
-        base = DeepseekMoEForCausalLM.from_pretrained(base_model_name_or_path, dtype=torch_dtype)
-        merged = merge_lora(load_lora_adapter(base, adapter_dir))
+        merged = merge_lora(adapted)
     else:
         from modeling_deepseekmoe.quantization import merge_adapter_into_dequantized_model
 
-        bnb = BitsAndBytesConfig(load_in_8bit=True)
-        if quantization == "4bit":
-            bnb = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=_run_quant_type(adapter_dir),
-                bnb_4bit_use_double_quant=_run_nested_quant(adapter_dir),
-                bnb_4bit_compute_dtype=torch_dtype,
-            )
-        base = DeepseekMoEForCausalLM.from_pretrained(
-            base_model_name_or_path, dtype=torch_dtype, quantization_config=bnb
-        )
-        merged = merge_adapter_into_dequantized_model(load_lora_adapter(base, adapter_dir), dtype=torch_dtype)
+        merged = merge_adapter_into_dequantized_model(adapted, dtype=torch_dtype)
     merged.to(torch_dtype)
     merged.config.output_router_logits = False
     merged.config.use_cache = True
@@ -91,12 +86,9 @@ def _run_model_args(adapter_dir) -> dict:
     return adapter_run_info(adapter_dir).get("model_args", {})
 
 
-def _run_quant_type(adapter_dir) -> str:
-    return _run_model_args(adapter_dir).get("bnb_4bit_quant_type", "nf4")
-
-
-def _run_nested_quant(adapter_dir) -> bool:
-    return bool(_run_model_args(adapter_dir).get("use_bnb_nested_quant", True))
+def resolved_quantization(adapter_dir, quantization: str = "auto") -> str:
+    """"none", "4bit" or "8bit": `quantization`, or for "auto" what the run recorded."""
+    return adapter_run_info(adapter_dir).get("quantization") or "none" if quantization == "auto" else quantization
 
 
 def merge_adapter(
@@ -111,45 +103,57 @@ def merge_adapter(
     overwrite: bool = False,
 ) -> Path:
     """Merge `adapter_dir` into the base and write the released-layout checkpoint + tokenizer to `output_dir`."""
-    check_output_dir(output_dir, overwrite)
+    inputs = merge_inputs(base_model_name_or_path, adapter_dir, tokenizer_name_or_path)
+    check_output_dir(output_dir, overwrite, inputs)
+    checkpoint_writer.parse_shard_size(max_shard_size)
     model = merged_model(base_model_name_or_path, adapter_dir, dtype, quantization)
     tokenizer_source = tokenizer_name_or_path or _tokenizer_source(adapter_dir, base_model_name_or_path)
-    card = {"base_model": str(base_model_name_or_path), "method": f"LoRA adapter {adapter_dir} merged"}
+    if quantization == "auto":
+        quantization = adapter_run_info(adapter_dir).get("quantization") or "none"
     return write_checkpoint(model, AutoTokenizer.from_pretrained(tokenizer_source), output_dir, max_shard_size,
-                            overwrite, card)
+                            overwrite, inputs=inputs, adapter_dir=adapter_dir, dequantized=quantization != "none")
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace.")
-    return output_dir
+def merge_inputs(base_model_name_or_path, adapter_dir, tokenizer_name_or_path=None) -> dict:
+    """The inputs of a merge, which its output may not overwrite (`check_output_dir`)."""
+    return {"base model": base_model_name_or_path, "adapter": adapter_dir, "tokenizer": tokenizer_name_or_path}
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs: checkpoint_writer.Inputs = None) -> Path:
+    """Refuse a non-empty output without `overwrite`, and an output that is one of `inputs` or (replaced) holds one."""
+    return checkpoint_writer.check_output_dir(output_dir, overwrite, inputs)
 
 
 def write_checkpoint(
     model, tokenizer, output_dir: str | os.PathLike, max_shard_size: str | int = "5GB", overwrite: bool = False,
-    card: dict | None = None,
+    card: dict | None = None, *, inputs: checkpoint_writer.Inputs = None, adapter_dir: str | os.PathLike | None = None,
+    dequantized: bool | None = None,
 ) -> Path:
-    """Save `model` (released layout) + tokenizer + model card to `output_dir` whole or not at all: written to a
-    staging folder, checked with `validate_checkpoint`, then renamed."""
-    from deepseekmoe.model_card import architecture_summary, write_model_card
+    """Save `model` (released layout) + tokenizer + model card to `output_dir` whole or not at all
+    (`checkpoint_writer.save_checkpoint`). With `adapter_dir` the card is the merged card of that adapter (LoRA or
+    ESFT: its training setup, `dequantized` for a QLoRA base); `card` (a dict of the old card fields) is the older
+    call, kept until `finetune/esft/merge.py` passes `adapter_dir`."""
+    output_dir = Path(output_dir)
+    location = str(output_dir.absolute())
 
-    output_dir = check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    try:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(staging)
-        validate_checkpoint(staging, model.config)
-        if card is not None:
-            write_model_card(staging, "sft", model_name=output_dir.name, adapter=False,
-                             training=architecture_summary(model.config), **card)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
+    def write_card(staging: Path) -> None:
+        if adapter_dir is not None:
+            from deepseekmoe.model_cards.card import write_merged_card
+
+            write_merged_card(staging, adapter_dir, model.config, model_name=output_dir.name, location=location,
+                              dequantized=dequantized)
+            return
+        from deepseekmoe.model_card import architecture_summary, write_model_card
+
+        path = write_model_card(staging, "sft", model_name=output_dir.name, adapter=False,
+                                training=architecture_summary(model.config), **card)
+        # The old call names the folder the card is written in: the final one, not the staging folder.
+        path.write_text(path.read_text(encoding="utf-8").replace(str(staging), location), encoding="utf-8")
+
+    return checkpoint_writer.save_checkpoint(
+        model, output_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs,
+        finalize=write_card if adapter_dir is not None or card is not None else None,
+    )
 
 
 def _tokenizer_source(adapter_dir, base) -> str:

@@ -16,18 +16,23 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+import modeling_deepseekmoe  # noqa: F401  (registers the "deepseek" model type; first, to filter bnb's notice)
+from modeling_deepseekmoe import checkpoint_writer
+from modeling_deepseekmoe.loading import DTYPES, QuantizationArguments, load_pretrained_model
+from transformers import AutoTokenizer
 from transformers.utils import is_torch_bf16_gpu_available
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, TrlParser
 
-import modeling_deepseekmoe  # noqa: F401  (registers the "deepseek" model type)
-
 from .data import prepare_sft_dataset
-from .merge import RUN_INFO_FILE
+from .run_folder import (
+    FINAL_STAGING_DIR, RunPlan, clear_run_outputs, mark_run_finished, plan_run, run_identity, write_run_info,
+)
 from .trainer import DeepseekMoESFTTrainer
 
 
@@ -36,8 +41,9 @@ ROUTER_MODULE = "mlp.gate"
 
 
 @dataclass
-class ModelArguments:
-    """The model, its precision and what is trained (names as in TRL's `ModelConfig` where it has them)."""
+class ModelArguments(QuantizationArguments):
+    """The model, its precision and what is trained (names as in TRL's `ModelConfig` where it has them); the
+    quantization flags are the project's one set (`modeling_deepseekmoe.loading.QuantizationArguments`)."""
 
     model_name_or_path: str = field(default=None, metadata={"help": "Local DeepSeekMoE checkpoint directory."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
@@ -45,7 +51,7 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": "Weights dtype ('auto' = the checkpoint's).",
-            "choices": ["auto", "bfloat16", "float16", "float32"],
+            "choices": list(DTYPES),
         },
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
@@ -66,10 +72,6 @@ class ModelArguments:
     lora_layers: list[int] | None = field(default=None, metadata={"help": "Decoder layers that get LoRA (all)."})
     lora_modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling alpha / sqrt(r)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base (experts included)."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base (experts included)."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type.", "choices": ["nf4", "fp4"]})
-    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantization of the 4-bit scales."})
     train_router: bool = field(default=False, metadata={"help": "Also train the routers (mlp.gate); frozen if not."})
     aux_loss_alpha: float | None = field(
         default=None,
@@ -77,16 +79,11 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("Choose one of --load_in_4bit and --load_in_8bit.")
+        super().__post_init__()
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
             raise ValueError("A 4-bit / 8-bit base cannot be fine-tuned in full: add --use_peft (QLoRA).")
         if self.aux_loss_alpha is not None and self.aux_loss_alpha < 0:
             raise ValueError(f"--aux_loss_alpha must be >= 0 (got {self.aux_loss_alpha}); 0 disables the aux loss.")
-
-    @property
-    def quantization(self) -> str | None:
-        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
 
 
 @dataclass
@@ -116,9 +113,20 @@ class DeepseekSFTConfig(SFTConfig):
         default=True,
         metadata={"help": "Train only on the assistant answers (and their EOS) of conversational data."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete an earlier run's checkpoints and final model in output_dir and start over (without it a "
+            "folder holding another run, or a finished one, is refused)."
+        },
+    )
 
     def __post_init__(self):
         resolve_precision(self)
+        # TRL sets the deprecated `gradient_checkpointing` name by default; passing it on under its new name keeps
+        # transformers from warning about a flag the user never gave.
+        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is not None:
+            self.activation_checkpointing = self.gradient_checkpointing
         super().__post_init__()
 
 
@@ -151,6 +159,18 @@ class SFTArgumentParser(TrlParser):
     def __init__(self, dataclass_types=SFT_DATACLASSES, **kwargs):
         super().__init__(dataclass_types, **kwargs)
 
+    def error(self, message):
+        """Argument errors: the error and a one-line usage (the full list of flags is ~150 lines: `--help`)."""
+        self.exit(2, f"usage: {self.prog} --model_name_or_path PATH --dataset_name DATA [flags] "
+                     f"(`{self.prog} --help` lists them)\n{self.prog}: error: {message}\n")
+
+    def parse_into_dataclasses(self, argv: list[str] | None):
+        """The dataclasses, or an argument error for flags none of them has."""
+        *parsed, unknown = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
         if "--config" in args:
@@ -180,7 +200,7 @@ def parse_sft_args(
 ) -> tuple[ModelArguments, DataArguments, DeepseekSFTConfig]:
     """(model_args, data_args, training_args) from command-line style arguments (`--config FILE` accepted)."""
     parser = SFTArgumentParser(prog=prog, description="Supervised fine-tuning of DeepSeekMoE (TRL SFTTrainer).")
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parser.parse_into_dataclasses(argv)
     required = {"--model_name_or_path": model_args.model_name_or_path, "--dataset_name": data_args.dataset_name}
     for name, value in required.items():
         if value is None:
@@ -204,35 +224,21 @@ def resolve_dtype(model_args: ModelArguments, training_args) -> torch.dtype | st
     return dtype if dtype == "auto" else getattr(torch, dtype)
 
 
-def quantization_config(model_args: ModelArguments, compute_dtype) -> BitsAndBytesConfig | None:
-    if model_args.load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
-            bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.bfloat16,
-        )
-    if model_args.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
 def load_model(model_args: ModelArguments, training_args):
-    """The model as trained: dtype, quantization, aux-loss weight, frozen routers (full fine-tuning)."""
-    dtype = resolve_dtype(model_args, training_args)
-    kwargs = {"dtype": dtype}
-    if model_args.attn_implementation:
-        kwargs["attn_implementation"] = model_args.attn_implementation
-    if model_args.experts_implementation:
-        kwargs["experts_implementation"] = model_args.experts_implementation
-    bnb_config = quantization_config(model_args, dtype)
-    if bnb_config is not None:
-        kwargs["quantization_config"] = bnb_config
-        if torch.cuda.is_available() and not training_args.use_cpu:
-            kwargs["device_map"] = {"": training_args.local_process_index}
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    """The model as trained: dtype, quantization, aux-loss weight, frozen routers (full fine-tuning). Loaded by
+    the project's one loader: a local base under its absolute path (what the adapter and the card record)."""
+    device_map = None
+    if model_args.quantization:  # bitsandbytes quantizes on the device the process trains on
+        on_gpu = torch.cuda.is_available() and not training_args.use_cpu
+        device_map = {"": training_args.local_process_index if on_gpu else "cpu"}
+    with _missing_path_named(model_args.model_name_or_path, "--model_name_or_path"):
+        model = load_pretrained_model(
+            model_args.model_name_or_path, dtype=resolve_dtype(model_args, training_args), quantization=model_args,
+            device_map=device_map, attn_implementation=model_args.attn_implementation,
+            experts_implementation=model_args.experts_implementation,
+        )
     configure_moe_training(model, model_args)
-    if bnb_config is not None:
+    if model_args.quantization:
         model = prepare_quantized_model(model, training_args)
     elif not model_args.use_peft:
         freeze_routers(model, trainable=model_args.train_router)
@@ -269,6 +275,36 @@ def prepare_quantized_model(model, training_args):
     )
 
 
+def prepare_for_distributed_engine(model) -> None:
+    """What the run's distributed engine needs set on the model before it wraps it, whatever config the user brought.
+
+    DeepSpeed ZeRO-3 gathers a module's parameters when that module runs and checks that every rank runs the same
+    modules; which experts get tokens differs between ranks, so each MoE block is made a ZeRO-3 leaf module: gathered
+    whole on entry (router, shared and routed experts, ESFT's trained and frozen tensors), with no hooks inside.
+    ZeRO-3 reduces a leaf's gradients in the leaf's backward hook, which PyTorch fires before the block's own backward
+    when the block input does not require grad (everything upstream frozen: ESFT, LoRA on experts only), so that
+    input is made to require grad."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoESparseMoeBlock
+
+    blocks = [module for module in model.modules() if isinstance(module, DeepseekMoESparseMoeBlock)]
+    if not (is_deepspeed_zero3_enabled() and blocks):
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, [DeepseekMoESparseMoeBlock])
+    for block in blocks:
+        block.register_forward_pre_hook(_block_input_requires_grad)
+
+
+def _block_input_requires_grad(module, args):
+    hidden_states, *rest = args
+    if module.training and torch.is_grad_enabled() and not hidden_states.requires_grad:
+        return (hidden_states.detach().requires_grad_(), *rest)
+    return None
+
+
 def build_peft_config(model_args: ModelArguments):
     """The LoRA config of a run: the one place LoRA configs are made (`finetune.lora.build_lora_config`)."""
     from .lora import build_lora_config
@@ -287,8 +323,26 @@ def build_peft_config(model_args: ModelArguments):
     )
 
 
+@contextmanager
+def _missing_path_named(path: str, flag: str):
+    """A model path that does not exist locally is tried as a Hub repo id; when that fails too, say that the path
+    does not exist (transformers says "Repo id must be in the form ..." or cannot reach the Hub)."""
+    if path is None or os.path.exists(path):
+        yield
+        return
+    try:
+        yield
+    except OSError as err:
+        raise FileNotFoundError(
+            f"{flag} {path}: no such local directory (nor a Hub repo that could be loaded); check the path."
+        ) from err
+
+
 def load_tokenizer(model_args: ModelArguments, training_args):
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
+    with _missing_path_named(source, flag):
+        tokenizer = AutoTokenizer.from_pretrained(source)
     path = training_args.chat_template_path
     if path is not None:
         if not (os.path.isfile(path) and path.endswith((".jinja", ".j2"))):
@@ -342,25 +396,60 @@ def prepare_datasets(data_args: DataArguments, training_args, tokenizer, train_d
 
 @dataclass
 class SFTResult:
-    trainer: DeepseekMoESFTTrainer
+    trainer: DeepseekMoESFTTrainer | None
     train_output: object
     output_dir: str
     summary: dict | None
+    skipped: str | None = None  # why nothing was trained (a finished run resumed), when so
 
 
-def resolve_resume(training_args) -> str | None:
-    """`--resume_from_checkpoint`: a checkpoint path, or true / last / auto for the latest in `output_dir`."""
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", "no", "none", ""):
-        return None
-    if str(value).lower() in ("true", "last", "auto", "latest"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            logger.warning("No checkpoint in %s to resume from; starting from scratch.", training_args.output_dir)
-        return last
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
-    return value
+def run_inputs(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
+    """The inputs of a run, which its output folder may not be (nor, when cleared, delete)."""
+    return {
+        "model": model_args.model_name_or_path,
+        "tokenizer": model_args.tokenizer_name_or_path,
+        "training data": data_args.dataset_name,
+        "evaluation data": data_args.eval_dataset_name,
+        "chat template": training_args.chat_template_path,
+    }
+
+
+def resolve_resume(training_args, identity: dict | None = None, inputs: dict | None = None) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint path, or true / last / auto for the latest in `output_dir`, and only
+    when the folder holds this run (`identity`, see `finetune.run_folder`); None to start from scratch. Raises when
+    the folder holds another run or `overwrite_output_dir` contradicts the resume, returns None (with a warning)
+    when the run there already finished."""
+    plan = _plan_output_dir(training_args, identity or {}, inputs)
+    if plan.skip:
+        logger.warning(plan.skip)
+    return plan.checkpoint
+
+
+def _plan_output_dir(training_args, identity: dict, inputs: dict | None) -> RunPlan:
+    return plan_run(
+        training_args.output_dir, identity, resume_from_checkpoint=training_args.resume_from_checkpoint,
+        overwrite_output_dir=getattr(training_args, "overwrite_output_dir", False), max_steps=training_args.max_steps,
+        num_train_epochs=training_args.num_train_epochs, inputs=inputs,
+    )
+
+
+def claim_output_dir(model_args, data_args, training_args, identity: dict):
+    """Check that this run may use its output folder (`finetune.run_folder.plan_run`), before anything is loaded;
+    clear it when `--overwrite_output_dir` says so and record the run. Returns the `RunPlan`."""
+    from accelerate import PartialState
+
+    inputs = run_inputs(model_args, data_args, training_args)
+    plan = _plan_output_dir(training_args, identity, inputs)
+    state = PartialState()
+    state.wait_for_everyone()  # every process has read the folder before the main one changes it
+    if plan.skip is None and training_args.should_save:
+        if plan.clear:
+            removed = clear_run_outputs(training_args.output_dir, inputs)
+            logger.warning("--overwrite_output_dir: deleted the earlier run's %s in %s.", ", ".join(removed),
+                           training_args.output_dir)
+        write_run_info(training_args.output_dir, model_args, data_args, identity)
+    state.wait_for_everyone()
+    return plan
 
 
 def run_sft(
@@ -378,7 +467,18 @@ def run_sft(
 ) -> SFTResult:
     """Validate the data, load the model, train with `DeepseekMoESFTTrainer` (resuming when asked), save the model
     (or adapter) and tokenizer to `output_dir`. `train_dataset` / `eval_dataset` (`datasets.Dataset`) replace the
-    paths of `data_args`. With `train=False` the trainer is built and returned untrained."""
+    paths of `data_args`. With `train=False` the trainer is built and returned untrained.
+
+    The output folder belongs to one run (`finetune.run_folder`): a folder holding another run, or a finished one, is
+    refused before anything loads unless `--resume_from_checkpoint` continues this run or `--overwrite_output_dir`
+    starts over; resuming a finished run trains nothing and returns with `skipped` set. The final model is written
+    whole (staged in the run folder, validated, moved in)."""
+    if train:
+        identity = run_identity(model_args, data_args, _method_identity(trainer_class, trainer_kwargs))
+        plan = claim_output_dir(model_args, data_args, training_args, identity)
+        if plan.skip:
+            logger.info(plan.skip)
+            return SFTResult(None, None, training_args.output_dir, None, skipped=plan.skip)
     if training_args.fp16 and (model_args.aux_loss_alpha is None or model_args.aux_loss_alpha > 0):
         logger.warning(
             "--fp16: DeepSeekMoE injects its aux-loss gradient inside the MoE layers, outside the fp16 loss scaling, "
@@ -389,6 +489,7 @@ def run_sft(
     model = load_model(model_args, training_args)
     if prepare_model is not None:  # e.g. ESFT: freeze all but the selected experts
         model = prepare_model(model)
+    prepare_for_distributed_engine(model)
     peft_config = build_peft_config(model_args) if model_args.use_peft else None
     trainer = trainer_class(
         model,
@@ -402,29 +503,52 @@ def run_sft(
     )
     if not train:
         return SFTResult(trainer, None, training_args.output_dir, None)
-    write_run_info(training_args.output_dir, model_args, data_args, trainer)
-    output = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-    trainer.save_model(training_args.output_dir)
+    output = trainer.train(resume_from_checkpoint=plan.checkpoint)
+    save_final_model(trainer, training_args.output_dir)
     if trainer.args.should_save:
         trainer.write_model_card(model_args, data_args)
+        mark_run_finished(training_args.output_dir, trainer.state.global_step, training_args.max_steps,
+                          training_args.num_train_epochs)
     trainer.accelerator.wait_for_everyone()
     return SFTResult(trainer, output, training_args.output_dir, trainer.moe_monitor.summary)
 
 
-def write_run_info(output_dir: str, model_args: ModelArguments, data_args: DataArguments, trainer) -> None:
-    """What `merge` needs to know about the run (the base, its quantization), next to the adapter."""
-    if not trainer.args.should_save:
-        return
-    os.makedirs(output_dir, exist_ok=True)
-    info = {
-        "base_model_name_or_path": model_args.model_name_or_path,
-        "quantization": model_args.quantization,
-        "use_peft": model_args.use_peft,
-        "model_args": asdict(model_args),
-        "data_args": asdict(data_args),
-    }
-    with open(os.path.join(output_dir, RUN_INFO_FILE), "w") as handle:
-        json.dump(info, handle, indent=2)
+def _method_identity(trainer_class, trainer_kwargs: dict | None) -> dict:
+    """What the trainer adds to a run's identity: its class and its JSON-serialisable settings (ESFT's experts)."""
+    method = {"trainer": trainer_class.__name__}
+    for key, value in (trainer_kwargs or {}).items():
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        method[key] = value
+    return method
+
+
+def save_final_model(trainer, output_dir: str | os.PathLike) -> None:
+    """`trainer.save_model` through the checkpoint writer: staged in the run folder (every process takes part, as
+    sharded engines gather the weights), validated (the released layout for a full model, readable weights for an
+    adapter), then moved in beside the checkpoints, the file that marks it complete last. A full disk raises
+    `DiskFullError` and leaves no final model that looks complete."""
+    output_dir = Path(output_dir)
+    staging = output_dir / FINAL_STAGING_DIR
+    main_process = trainer.args.should_save
+    if main_process:
+        checkpoint_writer.prepare_staging(output_dir, staging)
+    trainer.accelerator.wait_for_everyone()
+    config = getattr(trainer.accelerator.unwrap_model(trainer.model), "config", None)
+    try:
+        with checkpoint_writer.reporting_disk_full(output_dir, staging if main_process else None):
+            trainer.save_model(str(staging))
+            trainer.accelerator.wait_for_everyone()
+            if main_process:
+                checkpoint_writer.commit_staging(
+                    staging, output_dir, into=True,
+                    validate=lambda staged: checkpoint_writer.validate_saved_model(staged, config),
+                )
+    finally:
+        if main_process:
+            checkpoint_writer.discard_staging(staging)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,1 @@
-"""Model card templates (package data of deepseekmoe.model_card)."""
+"""Model cards: the writer (`deepseekmoe.model_cards.card`) and its templates (`<kind>.md`, package data)."""

@@ -1,15 +1,15 @@
 """Checking a downloaded released checkpoint and rewriting it (dtype, shard size, safetensors from .bin) in the
-released layout, into a new directory: the source is never modified."""
+released layout, into a new directory: the source is never modified, and the copy is written whole or not at all
+(`modeling_deepseekmoe.checkpoint_writer`: staged, validated, renamed)."""
 
-import shutil
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from modeling_deepseekmoe import DeepseekMoEConfig
+from modeling_deepseekmoe import DeepseekMoEConfig, checkpoint_writer
 from modeling_deepseekmoe.checkpoint import checkpoint_tensor_files, released_tensor_shapes, validate_checkpoint
 
-from .inference import DTYPES
+from modeling_deepseekmoe.loading import resolve_dtype
 
 
 # Files besides the weights that travel with a checkpoint.
@@ -46,20 +46,26 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def convert_checkpoint(source: str | Path, destination: str | Path, dtype: str = "auto",
-                       max_shard_size: str = "5GB") -> dict:
+                       max_shard_size: str | int = "5GB", overwrite: bool = False) -> dict:
     """Check `source`, then write it to `destination` in the released layout (safetensors, the given dtype and shard
-    size) with its tokenizer and side files. Refuses to write into the source."""
-    source, destination = Path(source).resolve(), Path(destination).resolve()
-    if destination == source or source in destination.parents:
-        raise ValueError(f"The destination {destination} is inside the source checkpoint; choose another directory.")
-    if destination.exists() and any(destination.iterdir()):
-        raise ValueError(f"The destination {destination} is not empty; choose a new directory.")
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    size) with its tokenizer and side files. Refuses to write into or over the source; replaces a non-empty
+    `destination` only with `overwrite`."""
+    source, destination = Path(source), Path(destination)
+    checkpoint_writer.check_output_dir(destination, overwrite, {"source checkpoint": source}, nesting=False)
+    torch_dtype = resolve_dtype(dtype)
+    checkpoint_writer.parse_shard_size(max_shard_size)
     check_checkpoint(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
-    model.save_pretrained(destination, max_shard_size=max_shard_size)
-    for name in SIDE_FILES:
-        if (source / name).is_file() and not (destination / name).exists():
-            shutil.copy2(source / name, destination / name)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    side_files = {name: source / name for name in SIDE_FILES if (source / name).is_file()}
+    card = None
+    if "README.md" not in side_files:  # the source's own card travels with it; without one, say where this came from
+        from deepseekmoe.model_cards.card import write_base_card
+
+        origin = (f"Converted from `{source.absolute()}` by `deepseekmoe convert` (dtype {dtype}, shards of at most "
+                  f"{max_shard_size}).")
+        location = str(destination.absolute())
+        card = lambda staging: write_base_card(staging, model.config, origin=origin, location=location)  # noqa: E731
+    checkpoint_writer.save_checkpoint(model, destination, max_shard_size=max_shard_size, overwrite=overwrite,
+                                      inputs={"source checkpoint": source}, nesting=False, side_files=side_files,
+                                      finalize=card)
     return check_checkpoint(destination)

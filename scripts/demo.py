@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from deepseekmoe.finetune.synthetic import make_corpus, pretrain, task_conversations
+from deepseekmoe.model_cards.card import write_base_card
 from modeling_deepseekmoe.checkpoint import validate_checkpoint
 from modeling_deepseekmoe.tokenization import build_tokenizer
-
-from .model_card import architecture_summary, write_model_card
-from .synthetic import make_corpus, pretrain, task_conversations
 
 
 SFT_DOMAINS = ("reversal", "key_value")
@@ -117,7 +116,7 @@ def run_demo(output_dir: str | Path = "deepseekmoe-demo", seed: int = 0, fast: b
 def _run_demo(output_dir: Path, seed: int, settings: DemoSettings) -> DemoResult:
     from deepseekmoe.eval.analysis import analyze, load_samples, token_routing
     from deepseekmoe.eval.harness import evaluate
-    from deepseekmoe.finetune.esft.adapter import apply_esft_adapter
+    from deepseekmoe.finetune.adapters import load_model
     from deepseekmoe.finetune.esft.merge import merge_esft_adapter
     from deepseekmoe.finetune.esft.scoring import score_experts, scoring_sequences
     from deepseekmoe.finetune.esft.selection import plot_selection, select_experts
@@ -136,9 +135,9 @@ def _run_demo(output_dir: Path, seed: int, settings: DemoSettings) -> DemoResult
     model, _ = pretrain(tokenizer, corpus, steps=settings.pretrain_steps, seed=seed)
     model.save_pretrained(base_dir, max_shard_size="1MB")
     validate_checkpoint(base_dir, model.config)
-    cards = [write_model_card(base_dir, "base", model_name="tiny-deepseekmoe-base", architecture=architecture_summary(
-        model.config), origin=f"Pre-trained by `deepseekmoe demo` for {settings.pretrain_steps} steps on a synthetic "
-        "multi-domain corpus (arithmetic, string reversal, key-value recall, plain text).")]
+    cards = [write_base_card(base_dir, model.config, model_name="tiny-deepseekmoe-base", origin=(
+        f"Pre-trained by `deepseekmoe demo` for {settings.pretrain_steps} steps on a synthetic multi-domain corpus "
+        "(arithmetic, string reversal, key-value recall, plain text)."))]
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
 
@@ -166,14 +165,14 @@ def _run_demo(output_dir: Path, seed: int, settings: DemoSettings) -> DemoResult
     run_esft(*parse_esft_args(esft_argv + _training_flags(adapter_dir, settings.esft_steps, 5e-4, seed)))
     cards.append(adapter_dir / "README.md")
     merged_dir = merge_esft_adapter(sft_dir, adapter_dir, output_dir / "esft" / "merged", overwrite=True)
-    esft = apply_esft_adapter(AutoModelForCausalLM.from_pretrained(sft_dir), adapter_dir).eval()
+    esft = load_model(sft_dir, adapter=adapter_dir).eval()
 
     # 4. Evaluate base / SFT / ESFT (answer losses directly, exact match through lm-eval), analyse the routing.
     chat_losses = {name: answer_losses(m, tokenizer, held_out) for name, m in
                    (("base", base), ("sft", sft), ("esft", esft))}
     exact_match = {}
     for name, kwargs in (("base", {"pretrained": str(base_dir)}), ("sft", {"pretrained": str(sft_dir)}),
-                         ("esft", {"pretrained": str(sft_dir), "esft": str(adapter_dir)})):
+                         ("esft", {"pretrained": str(sft_dir), "adapter": str(adapter_dir)})):
         evaluation = evaluate(tasks=["dsmoe_demo"], limit=settings.eval_limit, device="cpu", model_card=True,
                               output_path=output_dir / "eval" / name, **kwargs)
         exact_match[name] = {task.removeprefix("dsmoe_demo_"): values["exact_match,strip"]

@@ -172,3 +172,28 @@ def test_shared_and_non_expert_flags_unfreeze_them():
     assert "model.layers.0.self_attn.q_proj.weight" in trainable and "lm_head.weight" in trainable
     assert not any(name.endswith("mlp.gate.weight") or ".frozen." in name for name in trainable)
     assert json.dumps(SELECTION)
+
+
+def test_a_batch_routing_no_token_to_any_selected_expert_trains_with_zero_gradients():
+    """Everything upstream of the experts is frozen, so without the trained experts in the graph such a batch has
+    nothing to differentiate (and on one rank of a multi-process run, that rank would skip the layer's backward)."""
+    model = base_model(num_experts_per_tok=1)
+    ids = torch.randint(2, 96, (1, 4), generator=torch.Generator().manual_seed(3))
+    routed = {}
+
+    def record(index):
+        return lambda module, args, output: routed.__setitem__(index, set(output[3].flatten().tolist()))
+
+    for index in (1, 2):
+        model.model.layers[index].mlp.gate.register_forward_hook(record(index))
+    with torch.no_grad():
+        model(ids)
+    idle = {str(layer): [min(set(range(8)) - experts)] for layer, experts in routed.items()}
+    prepare_esft_model(model, {"experts": idle})
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    for layer in (1, 2):
+        experts = model.model.layers[layer].mlp.experts
+        for weight in (experts.gate_up_proj, experts.down_proj):
+            assert weight.grad is not None and torch.count_nonzero(weight.grad) == 0

@@ -22,7 +22,9 @@ from contextlib import ExitStack
 from torch import nn
 
 from .data import EncodedSample
-from .hooks import moe_blocks, routing_override, without_shared_experts
+from modeling_deepseekmoe.routing import moe_blocks
+
+from .hooks import routing_override, without_shared_experts
 from .options import ABLATION_MODES, DEFAULT_RATIOS, experts_for_ratio
 from .passes import LossResult, evaluate_loss
 from .statistics import RoutingStatistics

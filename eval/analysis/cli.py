@@ -1,12 +1,10 @@
 """The `deepseekmoe analyze` subcommand: `add_analyze_parser(subparsers)` adds it to an argparse parser."""
 
 import argparse
+import os
 from pathlib import Path
 
 from .options import ABLATION_MODES, check_moe_layer, experts_for_ratio, parse_ratios
-
-
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,9 +30,9 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max_samples", type=int, default=1000, help="texts read from --data, in order")
     parser.add_argument("--max_length", type=int, default=512, help="tokens per text (longer texts are truncated)")
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--dtype", choices=DTYPES, default="auto")
-    parser.add_argument("--device_map", default=None, help="e.g. 'auto' to spread the model over the GPUs")
-    parser.add_argument("--load_in_4bit", action="store_true", help="load with bitsandbytes 4-bit quantization")
+    from deepseekmoe.finetune.adapters import add_loading_arguments
+
+    add_loading_arguments(parser)  # --adapter, --dtype, --device_map, --load_in_4bit/8bit, bnb_*: as everywhere
     parser.add_argument(
         "--ablation_ratios", default="1/16,2/16,3/16,4/16", help="comma-separated ratios of routed experts to disable"
     )
@@ -58,17 +56,12 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
 
 def _load_model(args: argparse.Namespace):
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    import modeling_deepseekmoe  # noqa: F401  (registers the model type)
+    from deepseekmoe.finetune.adapters import load_model, loading_options
 
-    kwargs = {"dtype": args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)}
-    device_map = args.device_map or ("auto" if torch.cuda.is_available() else None)
-    if device_map:
-        kwargs["device_map"] = device_map
-    if args.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True)
-    return AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    options = loading_options(args)
+    options["device_map"] = options["device_map"] or ("auto" if torch.cuda.is_available() else None)
+    return load_model(args.model, **options)
 
 
 def _check_arguments(args: argparse.Namespace, ratios: list[float], modes: list[str]) -> None:
@@ -77,6 +70,10 @@ def _check_arguments(args: argparse.Namespace, ratios: list[float], modes: list[
 
     import modeling_deepseekmoe  # noqa: F401
 
+    from ..cli import looks_like_a_path
+
+    if not os.path.exists(args.model) and looks_like_a_path(args.model):
+        raise FileNotFoundError(f"{args.model}: no such model directory; check the path.")
     for name in ("batch_size", "max_samples", "random_trials"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
@@ -94,16 +91,16 @@ def _check_arguments(args: argparse.Namespace, ratios: list[float], modes: list[
 
 
 def run_analyze(args: argparse.Namespace) -> dict:
-    from transformers import AutoTokenizer
+    from deepseekmoe.finetune.adapters import load_tokenizer
 
     from .data import load_samples
     from .pipeline import analyze
 
-    samples = load_samples(args.data, args.text_field, args.domain_field, args.max_samples)
     ratios = parse_ratios(args.ablation_ratios)
     modes = [mode.strip() for mode in args.ablation_modes.split(",") if mode.strip()]
     _check_arguments(args, ratios, modes)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model, args.adapter)  # chat rows are rendered through its template
+    samples = load_samples(args.data, args.text_field, args.domain_field, args.max_samples, tokenizer=tokenizer)
     model = _load_model(args)
     results = analyze(
         model,

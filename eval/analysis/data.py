@@ -1,5 +1,8 @@
-"""Local text data for the routing analysis: `.txt` files (one text per line) and `.jsonl` files (one JSON object per
-line with a text field and an optional domain field), tokenised once and batched with right padding."""
+"""Local data for the routing analysis: `.txt` files (one text per line) and `.jsonl` files (one JSON object per line,
+in any row format `sft` reads: `messages`, ShareGPT `conversations`, Alpaca `instruction`/`input`/`output`,
+`prompt`/`completion`, or a text field; an optional domain field), tokenised once and batched with right padding.
+Conversations are rendered through the tokenizer's chat template (the DeepSeek one when it has none), as training
+sees them."""
 
 import json
 from collections.abc import Iterator, Sequence
@@ -7,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from deepseekmoe.finetune.formats import MESSAGES, TEXT, format_error, row_format, standardize_row
+from modeling_deepseekmoe.tokenization import install_chat_template
 
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl")
@@ -31,7 +37,52 @@ class Batch:
     domains: list[str]  # one per row
 
 
-def _jsonl_samples(path: Path, text_field: str, domain_field: str | None) -> Iterator[TextSample]:
+def render_conversation(tokenizer, messages: list[dict]) -> str:
+    """A conversation as the chat template renders it, without the leading BOS the tokenizer adds again."""
+    install_chat_template(tokenizer)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise ValueError(f"{where} is not a non-empty list of {{'role': str, 'content': str}} messages; fix the row.")
+    return value
+
+
+def row_text(row: dict, text_field: str, tokenizer=None, where: str = "row") -> str:
+    """The text of one data row in any supported format (conversations rendered through the chat template)."""
+    row = standardize_row(row)
+    data_format = row_format(row, text_field)
+    if data_format is None:
+        raise ValueError(
+            f"{where} has no {text_field!r} field ({format_error(row, text_field)}); pass --text_field (text_field=) "
+            "with the name of the field that holds the text, or use one of those formats."
+        )
+    if data_format == TEXT:
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{where}: field {text_field!r} is a {type(text).__name__}, not a string; point --text_field at a "
+                "text field."
+            )
+        return text
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return prompt + completion
+    if tokenizer is None:
+        raise ValueError(f"{where} is a conversation: pass the tokenizer (load_samples(..., tokenizer=...)) to render "
+                         "it through the chat template.")  # fmt: skip
+    if data_format == MESSAGES:
+        return render_conversation(tokenizer, _messages(row["messages"], f"{where}: 'messages'"))
+    messages = _messages(prompt, f"{where}: 'prompt'") + _messages(completion, f"{where}: 'completion'")
+    return render_conversation(tokenizer, messages)
+
+
+def _jsonl_samples(path: Path, text_field: str, domain_field: str | None, tokenizer) -> Iterator[TextSample]:
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -41,18 +92,9 @@ def _jsonl_samples(path: Path, text_field: str, domain_field: str | None) -> Ite
             except json.JSONDecodeError as err:
                 message = f"{path} line {line_number} is not valid JSON ({err.msg}); fix or remove it."
                 raise ValueError(message) from err
-            if not isinstance(row, dict) or text_field not in row:
-                fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(
-                    f"{path} line {line_number} has no {text_field!r} field (found: {fields}); pass "
-                    "--text_field (text_field=) with the name of the field that holds the text."
-                )
-            text = row[text_field]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{path} line {line_number}: field {text_field!r} is a {type(text).__name__}, not a string; "
-                    "point --text_field at a text field."
-                )
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {line_number} is a {type(row).__name__}, not a JSON object (a row).")
+            text = row_text(row, text_field, tokenizer, where=f"{path} line {line_number}")
             domain = row.get(domain_field) if domain_field else None
             yield TextSample(text, path.stem if domain is None else str(domain))
 
@@ -68,12 +110,14 @@ def load_samples(
     text_field: str = "text",
     domain_field: str | None = "domain",
     max_samples: int | None = None,
+    tokenizer=None,
 ) -> list[TextSample]:
     """Read texts from local `.txt` / `.jsonl` files, skipping empty texts.
 
-    A `.txt` file holds one text per line and its domain is the file name without suffix; a `.jsonl` row takes its
-    domain from `domain_field` when present, else from the file name. Several files of one domain each are therefore
-    an easy way to get per-domain statistics. At most `max_samples` texts are read, in file order.
+    A `.txt` file holds one text per line and its domain is the file name without suffix; a `.jsonl` row (any format
+    of `finetune.formats`; conversations need `tokenizer`, whose chat template renders them) takes its domain from
+    `domain_field` when present, else from the file name. Several files of one domain each are therefore an easy way
+    to get per-domain statistics. At most `max_samples` texts are read, in file order.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
@@ -88,7 +132,8 @@ def load_samples(
             raise ValueError(
                 f"Data file {path} has suffix {path.suffix!r}; use a .txt file (one text per line) or a .jsonl file."
             )
-        rows = _txt_samples(path) if path.suffix == ".txt" else _jsonl_samples(path, text_field, domain_field)
+        rows = (_txt_samples(path) if path.suffix == ".txt"
+                else _jsonl_samples(path, text_field, domain_field, tokenizer))  # fmt: skip
         for sample in rows:
             if sample.text.strip():
                 samples.append(sample)

@@ -1,77 +1,26 @@
-"""Forward hooks on the stock model: reading the router's decisions and changing them for ablations.
+"""Changing the routers' decisions for ablations, with forward hooks on the stock model. Reading them is the routing
+record's job (`modeling_deepseekmoe.routing.record_routing`, re-exported here with `moe_blocks` and `RouterOutput`).
 
 Everything here is a context manager that removes its hooks (or restores the swapped module) on exit, also when the
 body raises. The model code is not modified: the routers (`DeepseekMoEGate`) return
 `(router_logits, scores, top_k_weights, top_k_index)` and the MoE block feeds the last two to its experts, so a
-forward hook on the gate that replaces that tuple changes which experts run.
+forward hook on the gate that replaces that tuple changes which experts run. A routing record attached after an
+override sees the changed routing.
 """
 
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from modeling_deepseekmoe.routing import RouterOutput, moe_blocks, record_routing
+
 from .options import check_moe_layer
 
 
-class GateOutput(NamedTuple):
-    router_logits: torch.Tensor  # [N, E]
-    scores: torch.Tensor  # [N, E] softmax probabilities
-    top_k_weights: torch.Tensor  # [N, K]
-    top_k_index: torch.Tensor  # [N, K]
-
-
-# callback(layer_idx, moe_block, gate_input [N, H], gate_output)
-GateCallback = Callable[[int, nn.Module, torch.Tensor, GateOutput], None]
-
-
-_MOE_BLOCK_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")
-
-
-def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
-    """The MoE blocks (`layers.{i}.mlp` with a router and experts) of a DeepSeekMoE model, keyed by decoder layer
-    index. Found by module name, so wrapped models (e.g. PEFT) work too."""
-    blocks = {}
-    for name, module in model.named_modules():
-        match = _MOE_BLOCK_NAME.search(name)
-        if match and hasattr(module, "gate") and hasattr(module, "experts"):
-            blocks[int(match.group(1))] = module
-    if not blocks:
-        raise ValueError(
-            f"{type(model).__name__} has no MoE layer (no layers.N.mlp with a gate and experts); pass a DeepSeekMoE "
-            "model with routed experts."
-        )
-    return dict(sorted(blocks.items()))
-
-
-def _select_blocks(model: nn.Module, layers: Sequence[int] | None) -> dict[int, nn.Module]:
-    blocks = moe_blocks(model)
-    if layers is None:
-        return blocks
-    return {layer: blocks[check_moe_layer(layer, list(blocks))] for layer in layers}
-
-
-@contextmanager
-def gate_hooks(model: nn.Module, callback: GateCallback, layers: Sequence[int] | None = None) -> Iterator[None]:
-    """Call `callback(layer, block, gate_input, GateOutput)` after every router call of the given MoE layers
-    (default: all), with the routing the experts actually receive (after any override registered earlier)."""
-
-    def make_hook(layer: int, block: nn.Module):
-        def hook(module, args, output):
-            callback(layer, block, args[0], GateOutput(*output))
-
-        return hook
-
-    blocks = _select_blocks(model, layers)
-    handles = [block.gate.register_forward_hook(make_hook(layer, block)) for layer, block in blocks.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+__all__ = ["RouterOutput", "disable_experts", "moe_blocks", "record_routing", "reroute", "routing_override",
+           "without_shared_experts"]  # fmt: skip
 
 
 def _per_token_top_mask(scores: torch.Tensor, r: int) -> torch.Tensor:
@@ -87,7 +36,7 @@ def _per_token_random_mask(excluded: torch.Tensor, r: int, generator: torch.Gene
     return mask.to(excluded.device)
 
 
-def reroute(output: GateOutput, disabled: torch.Tensor, top_k: int, norm_topk_prob: bool) -> GateOutput:
+def reroute(output: RouterOutput, disabled: torch.Tensor, top_k: int, norm_topk_prob: bool) -> RouterOutput:
     """Routing with the `disabled` experts ([N, E] or [E] bool) masked out after the softmax: each token takes the
     top-k of its remaining probabilities, not renormalised (unless the model itself renormalises its top-k).
 
@@ -102,7 +51,7 @@ def reroute(output: GateOutput, disabled: torch.Tensor, top_k: int, norm_topk_pr
         affected = disabled.gather(1, output.top_k_index).any(dim=-1, keepdim=True)
         weights = torch.where(affected, weights, output.top_k_weights)
         index = torch.where(affected, index, output.top_k_index)
-    return GateOutput(output.router_logits, scores, weights, index)
+    return RouterOutput(output.router_logits, scores, weights, index)
 
 
 def _check_enough_experts(num_experts: int, num_disabled: int, top_k: int, what: str) -> None:
@@ -151,7 +100,7 @@ def routing_override(
         _check_enough_experts(num_experts, num_disabled, k, f"layer {layer}")
 
         def hook(module, args, output):
-            output = GateOutput(*output)
+            output = RouterOutput(*output)
             mask = fixed.to(output.scores.device).expand_as(output.scores).clone()
             if per_token_top_r:
                 mask |= _per_token_top_mask(output.scores.masked_fill(mask, float("-inf")), per_token_top_r)

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .hooks import GateOutput
+from modeling_deepseekmoe.routing import RouterOutput
+
 from .passes import BatchContext
 
 
@@ -59,7 +60,7 @@ class OutputNormCollector:
         return sum(chunk.shape[0] for chunk in self.scores.get(layer, []))
 
     def on_gate(
-        self, layer: int, block: nn.Module, hidden_states: torch.Tensor, output: GateOutput, batch: BatchContext
+        self, layer: int, block: nn.Module, hidden_states: torch.Tensor, output: RouterOutput, batch: BatchContext
     ) -> None:
         budget = self.max_tokens - self._seen(layer)
         if budget <= 0:

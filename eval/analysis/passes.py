@@ -11,8 +11,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from modeling_deepseekmoe.routing import RouterOutput, moe_blocks, record_routing
+
 from .data import EncodedSample, iter_batches, num_batches
-from .hooks import GateOutput, gate_hooks
+from .options import check_moe_layer
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Collector(Protocol):
     layers: Sequence[int] | None
 
     def on_gate(
-        self, layer: int, block: nn.Module, hidden_states: torch.Tensor, output: GateOutput, batch: BatchContext
+        self, layer: int, block: nn.Module, hidden_states: torch.Tensor, output: RouterOutput, batch: BatchContext
     ) -> None: ...
 
 
@@ -68,11 +70,12 @@ def input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _collector_layers(collectors: Sequence[Collector]) -> list[int] | None:
+def _collector_layers(model: nn.Module, collectors: Sequence[Collector]) -> list[int] | None:
     wanted = [collector.layers for collector in collectors]
     if any(layers is None for layers in wanted):
         return None
-    return sorted({layer for layers in wanted for layer in layers})
+    moe_layers = list(moe_blocks(model))
+    return sorted({check_moe_layer(layer, moe_layers) for layers in wanted for layer in layers})
 
 
 @torch.no_grad()
@@ -100,8 +103,11 @@ def run_data_pass(
     model.eval()
     total_loss, total_tokens = 0.0, 0
     batches = iter_batches(samples, batch_size, pad_token_id)
+    recording = nullcontext()
+    if collectors:
+        recording = record_routing(model, _collector_layers(model, collectors), listener=on_gate, keep=False)
     try:
-        with gate_hooks(model, on_gate, _collector_layers(collectors)) if collectors else nullcontext():
+        with recording:
             for batch in tqdm(batches, total=num_batches(samples, batch_size), desc=desc, disable=not progress):
                 current[:] = [BatchContext.from_batch(batch.input_ids, batch.attention_mask, batch.domains)]
                 input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)

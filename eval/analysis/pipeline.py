@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modeling_deepseekmoe.routing import moe_blocks
+
 from . import plots
 from .ablation import run_ablations
 from .data import TextSample, pad_token_id_of, tokenize_samples
-from .hooks import moe_blocks
 from .norms import OutputNormCollector
 from .options import ABLATION_MODES, DEFAULT_RATIOS, check_moe_layer, experts_for_ratio
 from .passes import run_data_pass

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .hooks import moe_blocks
+from modeling_deepseekmoe.routing import moe_blocks
+
 from .options import check_moe_layer
 
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modeling_deepseekmoe.routing import RouterOutput, expert_counts, expert_weight_sums, moe_blocks, record_routing
+
 from .data import EncodedSample
-from .hooks import GateOutput, gate_hooks, moe_blocks
 from .passes import BatchContext, LossResult, input_device, run_data_pass
 
 
@@ -85,10 +86,7 @@ class TopTokenCounter:
 
 def _expert_sums(index: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Selections and summed top-k weights per expert, as float64 on the CPU."""
-    flat = index.reshape(-1)
-    counts = torch.bincount(flat, minlength=num_experts)
-    weight_sums = torch.zeros(num_experts, dtype=torch.float32, device=flat.device)
-    weight_sums.index_add_(0, flat, weights.reshape(-1).float())
+    counts, weight_sums = expert_counts(index, num_experts), expert_weight_sums(index, weights, num_experts)
     return counts.cpu().double(), weight_sums.cpu().double()
 
 
@@ -120,13 +118,12 @@ class RoutingStatistics:
     ) -> "RoutingStatistics":
         blocks = moe_blocks(model)
         layers = list(blocks) if layers is None else list(layers)
-        num_experts = blocks[layers[0]].gate.weight.shape[0]
-        return cls(layers, num_experts, model.config.vocab_size, top_token_capacity)
+        return cls(layers, blocks[layers[0]].config.n_routed_experts, model.config.vocab_size, top_token_capacity)
 
     # ---- accumulation ----------------------------------------------------------------------------------------------
 
     def on_gate(
-        self, layer: int, block: nn.Module, hidden_states: torch.Tensor, output: GateOutput, batch: BatchContext
+        self, layer: int, block: nn.Module, hidden_states: torch.Tensor, output: RouterOutput, batch: BatchContext
     ) -> None:
         row = self._row[layer]
         mask = batch.token_mask
@@ -140,7 +137,7 @@ class RoutingStatistics:
             self._add_domain(domain, row, output, domain_mask)
         self.top_tokens[row].update(index, batch.token_ids[mask])
 
-    def _add_domain(self, domain: str, row: int, output: GateOutput, mask: torch.Tensor) -> None:
+    def _add_domain(self, domain: str, row: int, output: RouterOutput, mask: torch.Tensor) -> None:
         if domain not in self.domain_counts:
             self.domain_tokens[domain] = torch.zeros_like(self.tokens)
             self.domain_counts[domain] = torch.zeros_like(self.counts)
@@ -312,18 +309,15 @@ def token_routing(model: nn.Module, tokenizer, text: str, max_length: int | None
     ids = tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"]
     if not ids:
         raise ValueError("The text for the per-token routing is empty after tokenisation; pass a non-empty --text.")
-    captured: dict[int, GateOutput] = {}
-
-    def keep(layer, block, hidden_states, output):
-        captured[layer] = GateOutput(*(tensor.detach().float().cpu() for tensor in output))
-
     was_training = model.training
     model.eval()
     try:
-        with gate_hooks(model, keep):
+        with record_routing(model) as routing:
             model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False)
     finally:
         model.train(was_training)
+    captured = {layer: RouterOutput(*(tensor.float().cpu() for tensor in output))
+                for layer, output in routing.outputs.items()}  # fmt: skip
     experts, weights = {}, {}
     for layer, output in captured.items():
         order = output.top_k_weights.argsort(dim=-1, descending=True, stable=True)

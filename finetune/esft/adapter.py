@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from modeling_deepseekmoe import DeepseekMoEConfig
 
+from .full_parameters import full_shape, read_full, write_full, write_rows
+
 
 EXPERT_CONFIG_FILE = "expert_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -67,46 +69,80 @@ def is_non_expert_parameter(name: str) -> bool:
     return ".mlp.experts." not in name and ".mlp.shared_experts." not in name and not name.endswith(".mlp.gate.weight")
 
 
-def _expert_views(model, layer: int, expert: int, width: int) -> dict[str, torch.Tensor]:
-    """Views of one expert's three projections under their released names, in a plain fused layer or an
-    ESFT-wrapped one (whose trained experts live in their own parameters)."""
-    module = model.model.layers[layer].mlp.experts
-    if hasattr(module, "expert_weights"):
-        gate_up, down = module.expert_weights(expert)
-    else:
-        gate_up, down = module.gate_up_proj[expert], module.down_proj[expert]
+def _layer_expert_weights(module, experts: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """(gate_up [2I, H], down [H, I]) of each of `experts` in a layer's routed experts, plain fused or ESFT-wrapped
+    (whose trained experts live in their own `[S, ...]` parameters), read whole under any engine."""
+    slots = getattr(module, "slots", {})
+    weights = {}
+    if any(expert in slots for expert in experts):
+        gate_up, down = read_full(module.gate_up_proj), read_full(module.down_proj)
+        weights.update({e: (gate_up[slots[e]], down[slots[e]]) for e in experts if e in slots})
+    others = [expert for expert in experts if expert not in slots]
+    if others:
+        fused = module.frozen if hasattr(module, "frozen") else module
+        gate_up, down = read_full(fused.gate_up_proj), read_full(fused.down_proj)
+        weights.update({e: (gate_up[e], down[e]) for e in others})
+    return weights
+
+
+def _released_expert_names(layer: int, expert: int) -> tuple[str, str, str]:
     prefix = f"model.layers.{layer}.mlp.experts.{expert}"
-    return {
-        f"{prefix}.gate_proj.weight": gate_up[:width],
-        f"{prefix}.up_proj.weight": gate_up[width:],
-        f"{prefix}.down_proj.weight": down,
-    }
+    return tuple(f"{prefix}.{projection}.weight" for projection in PROJECTIONS)
+
+
+def _selected_parameters(model, expert_config: dict):
+    """(name, parameter) of the shared experts / non-expert modules that `expert_config` trains."""
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        shared = ".mlp.shared_experts." in name
+        if (shared and expert_config.get("shared_experts")) or (
+            expert_config.get("non_expert_modules") and not shared and is_non_expert_parameter(name)
+        ):
+            yield name, parameter
 
 
 def adapter_tensors(model, expert_config: dict) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, read from `model`, under their released checkpoint names."""
+    """The adapter's tensors, read from `model`, under their released checkpoint names, on the CPU. Under ZeRO-3 and
+    FSDP2 this gathers the selected tensors (only those): call it on every rank."""
     config = model.config
     selection = validate_expert_config(expert_config, config)
     width = config.moe_intermediate_size
     tensors: dict[str, torch.Tensor] = {}
     for layer, experts in selection.items():
+        weights = _layer_expert_weights(model.model.layers[layer].mlp.experts, experts)
         for expert in experts:
-            tensors.update(_expert_views(model, layer, expert, width))
-    state = model.state_dict()
-    for name, tensor in state.items():
-        shared = ".mlp.shared_experts." in name
-        if (shared and expert_config.get("shared_experts")) or (
-            expert_config.get("non_expert_modules") and not shared and is_non_expert_parameter(name)
-        ):
-            tensors[name] = tensor
+            gate_up, down = weights[expert]
+            gate, up, down_name = _released_expert_names(layer, expert)
+            tensors.update({gate: gate_up[:width], up: gate_up[width:], down_name: down})
+    for name, parameter in _selected_parameters(model, expert_config):
+        tensors[name] = read_full(parameter)
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
 
 
+def adapter_tensor_shapes(model, expert_config: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor an adapter for `expert_config` holds (reads no weight)."""
+    config = model.config
+    width, hidden = config.moe_intermediate_size, config.hidden_size
+    shapes = {}
+    for layer, experts in validate_expert_config(expert_config, config).items():
+        for expert in experts:
+            gate, up, down = _released_expert_names(layer, expert)
+            shapes.update({gate: (width, hidden), up: (width, hidden), down: (hidden, width)})
+    for name, parameter in _selected_parameters(model, expert_config):
+        shapes[name] = tuple(full_shape(parameter))
+    return shapes
+
+
 def save_esft_adapter(
-    model, expert_config: dict, adapter_dir: str | os.PathLike, base_model_name_or_path: str | None = None
+    model,
+    expert_config: dict,
+    adapter_dir: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the current weights of the experts `expert_config` selects as an ESFT adapter (atomically)."""
-    tensors = adapter_tensors(model, expert_config)
+    """Write the current weights of the experts `expert_config` selects as an ESFT adapter (atomically). `tensors`:
+    the adapter's tensors if already read (`adapter_tensors`, e.g. gathered on every rank, written by one)."""
+    if tensors is None:
+        tensors = adapter_tensors(model, expert_config)
     adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -150,7 +186,8 @@ def load_esft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, t
 
 
 def apply_esft_adapter(model, adapter_dir: str | os.PathLike):
-    """Write an ESFT adapter's weights into `model` (in place) and return it."""
+    """Write an ESFT adapter's weights into `model` (in place) and return it. Works on a ZeRO-3 or FSDP2 sharded
+    model too (then every rank calls it)."""
     expert_config, tensors, metadata = load_esft_adapter(adapter_dir)
     mismatched = {
         key: (value, getattr(model.config, key, None))
@@ -163,23 +200,30 @@ def apply_esft_adapter(model, adapter_dir: str | os.PathLike):
             f"The ESFT adapter {adapter_dir} does not match this base model ({details}); it was trained on "
             f"{metadata.get('base_model_name_or_path')!r}."
         )
-    expected = adapter_tensors(model, expert_config)
+    expected = adapter_tensor_shapes(model, expert_config)
     if expected.keys() != tensors.keys():
         missing = sorted(expected.keys() - tensors.keys())[:3]
         raise ValueError(f"The ESFT adapter {adapter_dir} lacks tensors its expert config selects, e.g. {missing}.")
-    width = model.config.moe_intermediate_size
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(
-                    f"ESFT adapter tensor {name} has shape {list(tensor.shape)}, the model expects "
-                    f"{list(expected[name].shape)}."
-                )
-            parts = name.split(".")
-            if ".mlp.experts." in name:
-                target = _expert_views(model, int(parts[2]), int(parts[5]), width)[name]
-            else:
-                target = state[name]
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"ESFT adapter tensor {name} has shape {list(tensor.shape)}, the model expects {list(expected[name])}."
+            )
+    for layer, experts in validate_expert_config(expert_config, model.config).items():
+        module = model.model.layers[layer].mlp.experts
+        slots = getattr(module, "slots", {})
+        fused = module.frozen if hasattr(module, "frozen") else module
+        # Trained experts go to their row of the ESFT parameters, any other to its row of the fused tensors.
+        rows = {id(module): ({}, {}), id(fused): ({}, {})}
+        for expert in experts:
+            gate, up, down = (tensors[name] for name in _released_expert_names(layer, expert))
+            gate_up_rows, down_rows = rows[id(module) if expert in slots else id(fused)]
+            row = slots.get(expert, expert)
+            gate_up_rows[row], down_rows[row] = torch.cat([gate, up]), down
+        for target in dict.fromkeys((module, fused)):
+            gate_up_rows, down_rows = rows[id(target)]
+            write_rows(target.gate_up_proj, gate_up_rows)
+            write_rows(target.down_proj, down_rows)
+    for name, parameter in _selected_parameters(model, expert_config):
+        write_full(parameter, tensors[name])
     return model

@@ -2,6 +2,8 @@
 trainable `[S, ...]` parameters, so gradients and optimizer state exist only for them (a run training 10% of the
 experts pays ~10% of the optimizer memory), while every other weight stays frozen and bit-identical."""
 
+import functools
+
 import torch
 from torch import nn
 
@@ -9,6 +11,25 @@ from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoEExperts
 
 from ..expert_compute import grouped_projection, linear, looped_projection, sorted_experts_forward
 from .adapter import is_non_expert_parameter, validate_expert_config
+from .full_parameters import gathered
+
+
+class _EveryStepGradients(torch.autograd.Function):
+    """Identity on the trained expert weights, plus a zero `anchor` that the layer adds to its output.
+
+    Through the anchor the weights are in every step's graph, so their backward runs and hands each weight a gradient
+    (zeros for experts that got no token) even when no token reached a trained expert: on one rank of a multi-process
+    run (DDP and ZeRO reduce every gradient, FSDP2 reduce-scatters per layer and waits for every rank), or in a whole
+    micro-batch. All trained weights of a layer get their gradient from this one node, at once and in the same order
+    on every rank, whatever the routing (ZeRO-2 packs gradients into its buckets in the order they arrive)."""
+
+    @staticmethod
+    def forward(ctx, *weights):
+        return (weights[0].new_zeros(()), *(weight.view_as(weight) for weight in weights))
+
+    @staticmethod
+    def backward(ctx, grad_anchor, *grads):
+        return grads  # unused outputs arrive as zeros (autograd materializes them)
 
 
 class ESFTExperts(nn.Module):
@@ -19,11 +40,16 @@ class ESFTExperts(nn.Module):
         super().__init__()
         self.frozen = experts.requires_grad_(False)
         self.num_experts, self.act_fn = experts.num_experts, experts.act_fn
-        ids = torch.tensor(sorted(expert_ids), dtype=torch.long, device=experts.gate_up_proj.device)
+        expert_ids = sorted(expert_ids)
+        self.slots = {expert: slot for slot, expert in enumerate(expert_ids)}
+        device = experts.gate_up_proj.device
+        # A model being loaded for FSDP2 on a rank other than 0 is on the meta device; an index buffer must be real.
+        ids = torch.tensor(expert_ids, dtype=torch.long, device="cpu" if device.type == "meta" else device)
         self.register_buffer("expert_ids", ids, persistent=False)
-        self.slots = {int(e): i for i, e in enumerate(ids.tolist())}
-        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[ids].clone())
-        self.down_proj = nn.Parameter(experts.down_proj.detach()[ids].clone())
+        # Under ZeRO-3 the fused tensors are partitioned: gather them to copy the selected rows out.
+        with gathered([experts.gate_up_proj, experts.down_proj]):
+            self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[expert_ids].clone())
+            self.down_proj = nn.Parameter(experts.down_proj.detach()[expert_ids].clone())
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of one expert, trained or frozen."""
@@ -32,12 +58,18 @@ class ESFTExperts(nn.Module):
         return self.frozen.gate_up_proj[expert], self.frozen.down_proj[expert]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        return sorted_experts_forward(
-            hidden_states, top_k_index, top_k_weights, self.num_experts, self.act_fn, self._project
-        )
+        gate_up, down, anchor = self.gate_up_proj, self.down_proj, None
+        if torch.is_grad_enabled() and (gate_up.requires_grad or down.requires_grad):
+            anchor, gate_up, down = _EveryStepGradients.apply(gate_up, down)
+        project = functools.partial(self._project, weights=(gate_up, down))
+        output = sorted_experts_forward(hidden_states, top_k_index, top_k_weights, self.num_experts, self.act_fn,
+                                        project)
+        return output if anchor is None else output + anchor.to(output.dtype)
 
-    def _project(self, which: str, rows: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None):
-        trained = self.gate_up_proj if which == "gate_up" else self.down_proj
+    def _project(self, which: str, rows: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None,
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None):
+        gate_up, down = weights or (self.gate_up_proj, self.down_proj)
+        trained = gate_up if which == "gate_up" else down
         frozen = self.frozen.gate_up_proj if which == "gate_up" else self.frozen.down_proj
         if grouped if grouped is not None else rows.device.type == "cuda":
             return grouped_projection(rows, frozen.index_copy(0, self.expert_ids, trained), counts)
