@@ -3,7 +3,7 @@ at toy scale, on CPU, in 7-8 minutes (one thread of a shared 2-core machine).
 
     python benchmarks/esft_vs_lora.py                  # the default run behind benchmarks/esft_vs_lora.md
 
-1. Pre-train a tiny DeepSeekMoE (`deepseekmoe.synthetic.tiny_moe_config`: 4 layers, 3 MoE layers of 16 routed + 1
+1. Pre-train a tiny DeepSeekMoE (`deepseekmoe.finetune.synthetic.tiny_moe_config`: 4 layers, 3 MoE layers of 16 routed + 1
    shared expert, top-2) from scratch on the synthetic mix (arithmetic / reversal / key_value / text) so routing
    specialises by domain. One base model (pre-training seed 0), as the paper has one backbone.
 2. Target task, absent from pre-training: `reverse <word> -> <reversed word>` over the letters k-t (pre-training's
@@ -49,7 +49,7 @@ from deepseekmoe.finetune.esft.experts import prepare_esft_model, unwrap_esft_mo
 from deepseekmoe.finetune.esft.scoring import score_experts
 from deepseekmoe.finetune.esft.selection import select_experts
 from deepseekmoe.finetune.lora import build_lora_config, merge_lora
-from deepseekmoe.synthetic import domain_losses, make_corpus, pretrain, tiny_moe_config
+from deepseekmoe.finetune.synthetic import domain_losses, make_corpus, pretrain, tiny_moe_config
 from modeling_deepseekmoe.tokenization import build_tokenizer
 
 

@@ -5,7 +5,7 @@
 
 Computed: the weight bytes per component (routed experts / shared experts + dense MLPs / attention / embeddings +
 lm_head / routers + norms) of the config (default deepseek-moe-16b) in bf16, 8-bit, 4-bit nf4 and 4-bit nf4 with
-double quantization, bitsandbytes statistics included (`deepseekmoe.footprint`).
+double quantization, bitsandbytes statistics included (`modeling_deepseekmoe.footprint`).
 
 Measured (`--device cuda`, needs a GPU): random weights for the config are written in the released layout (bf16,
 `write_random_released_checkpoint`; ~33 GB of disk at 16B, reused with `--checkpoint-dir`), then, for each precision,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from deepseekmoe.footprint import PRECISION_LABELS, PRECISIONS, format_footprint, load_config, memory_footprint
+from modeling_deepseekmoe.footprint import PRECISION_LABELS, PRECISIONS, format_footprint, load_config, memory_footprint
 from modeling_deepseekmoe import DeepseekMoEConfig
 from modeling_deepseekmoe.checkpoint import write_random_released_checkpoint
 

@@ -8,7 +8,8 @@
   layer x expert load of every logging interval to `expert_load/load.jsonl`, records per rank the steps in which some
   expert got no token there (`expert_load/idle_rank{r}.json`), and draws `expert_load/heatmap.png` at the end;
 - stops the run (`TrainingDivergedError`) before the optimizer step when the cross-entropy of a micro-batch is NaN,
-  inf or exactly 0, naming the step and the likely cause;
+  inf or exactly 0, naming the step, the likely cause, whether the weights are still finite and the last checkpoint
+  with finite weights (the trainer refuses to save non-finite weights, see `count_nonfinite_parameters`);
 - writes `loss_curve.png` and `run_summary.json` (trainable parameters, tokens/s, peak memory) at the end.
 
 Hooks fire again when gradient checkpointing recomputes a layer, so per-micro-batch values are overwritten, never
@@ -19,7 +20,6 @@ are logged are reduced over ranks at logging time; every rank logs at the same s
 import json
 import logging
 import math
-import re
 import resource
 import time
 from pathlib import Path
@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoEGate, DeepseekMoEModel, DeepseekMoESparseMoeBlock
+from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoEModel, DeepseekMoESparseMoeBlock
+from modeling_deepseekmoe.routing import RoutingRecord
 
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,27 @@ def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
 
 
-def _layer_index(module_name: str) -> int:
-    match = re.search(r"layers\.(\d+)\.", module_name)
-    if match is None:
-        raise ValueError(f"Cannot tell the decoder layer of router {module_name!r}.")
-    return int(match.group(1))
+def _local_values(parameter: torch.Tensor) -> torch.Tensor:
+    """What this process holds of a parameter: its ZeRO-3 partition, its FSDP2 shard, or the tensor itself."""
+    if hasattr(parameter, "ds_tensor"):
+        return parameter.ds_tensor
+    if hasattr(parameter, "to_local"):
+        return parameter.to_local()
+    return parameter
+
+
+def count_nonfinite_parameters(model: torch.nn.Module, device=None, limit: int = 3) -> tuple[int, list[str]]:
+    """(how many trained floating-point parameters hold NaN/inf on any process, up to `limit` of their names seen
+    here). Checks each process's own shards; collective when distributed (every process calls it)."""
+    names = []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or not parameter.is_floating_point():
+            continue
+        values = _local_values(parameter)
+        if values.numel() and not torch.isfinite(values.detach()).all():
+            names.append(name)
+    count = torch.tensor([float(len(names))], device=device)
+    return int(_all_reduce(count).item()), names[:limit]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -89,7 +106,7 @@ class MoETrainingMonitor(TrainerCallback):
         self._blocks: list[DeepseekMoESparseMoeBlock] = []
         self._num_experts = 0
         # Per micro-batch, overwritten by each (re)computation, committed after the backward.
-        self._batch_load: dict[int, torch.Tensor] = {}
+        self._routing: RoutingRecord | None = None
         self._batch_loss: torch.Tensor | None = None
         self._batch_label_count: torch.Tensor | None = None
         self._token_weight: torch.Tensor | None = None
@@ -108,24 +125,27 @@ class MoETrainingMonitor(TrainerCallback):
         self._trainable: int | None = None
         self._total: int | None = None
         self.summary: dict | None = None
+        self._model: torch.nn.Module | None = None
+        # Set by the trainer: the checkpoint resumed from, then each one saved (saves refuse non-finite weights).
+        self.last_finite_checkpoint: str | None = None
 
     # ------------------------------------------------------------------------------------------------ hooks
 
     def attach(self, model: torch.nn.Module) -> None:
         """Hook the routers, the MoE blocks and the top-level model (the module the trainer calls)."""
         self.detach()
-        gates = [(name, m) for name, m in model.named_modules() if isinstance(m, DeepseekMoEGate)]
         self._blocks = [m for m in model.modules() if isinstance(m, DeepseekMoESparseMoeBlock)]
-        self._layers = sorted({_layer_index(name) for name, _ in gates})
-        self._num_experts = gates[0][1].n_routed_experts if gates else 0
-        for name, gate in gates:
-            self._handles.append(gate.register_forward_hook(self._make_gate_hook(_layer_index(name))))
+        if self._blocks:
+            self._routing = RoutingRecord(model, keep_scores=False, training_only=True).attach()
+            self._layers, self._num_experts = self._routing.layers, self._routing.num_experts
         self._handles.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._model_hook))
         for backbone in (m for m in model.modules() if isinstance(m, DeepseekMoEModel)):
             self._handles.append(backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
 
     def detach(self) -> None:
+        if self._routing is not None:
+            self._routing.detach()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -149,21 +169,6 @@ class MoETrainingMonitor(TrainerCallback):
         mask = kwargs.get("attention_mask")
         self._token_weight = mask.reshape(-1).float() if mask is not None and mask.dim() == 2 else None
 
-    def _make_gate_hook(self, layer: int):
-        def hook(module, args, output):
-            if not module.training:
-                return
-            top_k_index = output[3]
-            weight = self._token_weight
-            if weight is None or weight.numel() != top_k_index.shape[0]:
-                weight = torch.ones(top_k_index.shape[0], device=top_k_index.device)
-            counts = torch.zeros(self._num_experts, device=top_k_index.device, dtype=torch.float32)
-            slot_weight = weight.to(top_k_index.device).repeat_interleave(top_k_index.shape[1])
-            counts.index_add_(0, top_k_index.reshape(-1), slot_weight)
-            self._batch_load[layer] = counts
-
-        return hook
-
     def _model_hook(self, module, args, output):
         if not module.training:
             return
@@ -177,12 +182,12 @@ class MoETrainingMonitor(TrainerCallback):
     # ------------------------------------------------------------------------------------------------ per micro-batch
 
     def _commit_micro_batch(self) -> None:
-        if self._batch_load:
-            device = next(iter(self._batch_load.values())).device
-            empty = torch.zeros(self._num_experts, device=device)
-            load = torch.stack([self._batch_load.get(layer, empty) for layer in self._layers])
-            self._step_loads.append(load)
-            self._batch_load = {}
+        if self._routing is not None and self._routing.outputs:
+            weight, routed = self._token_weight, next(iter(self._routing.outputs.values())).top_k_index
+            if weight is not None and weight.numel() != routed.shape[0]:
+                weight = None  # e.g. inputs_embeds without a 2D mask: every token counts
+            self._step_loads.append(self._routing.load(weight))
+            self._routing.clear()
         aux = [block.last_aux_loss for block in self._blocks if block.last_aux_loss is not None]
         if aux:
             self._interval_aux.append(torch.stack([a.float().reshape(()) for a in aux]).sum())
@@ -238,9 +243,28 @@ class MoETrainingMonitor(TrainerCallback):
                 "fp16 overflow or a too high learning rate); resume from the last checkpoint in bf16 / fp32 with a "
                 "lower --learning_rate"
             )
+        weights = f"the weights of step {step - 1} are intact"
+        if self._model is not None:
+            bad, names = count_nonfinite_parameters(self._model, args.device)
+            if bad:
+                weights = f"{bad} weight tensors are already NaN/inf, e.g. {', '.join(names) or 'on another rank'}"
         raise TrainingDivergedError(
-            f"Training loss became {what} at step {step} (before its optimizer step; the weights of step "
-            f"{step - 1} are intact). Likely cause: {cause}."
+            f"Training loss became {what} at step {step} (before its optimizer step; {weights}; "
+            f"{self._last_finite()}). Likely cause: {cause}."
+        )
+
+    def _last_finite(self) -> str:
+        if self.last_finite_checkpoint is None:
+            return "no checkpoint with finite weights was saved"
+        return (f"the last checkpoint with finite weights is {self.last_finite_checkpoint}: resume from it with "
+                f"--resume_from_checkpoint {self.last_finite_checkpoint}")
+
+    def nonfinite_weights_message(self, step: int, count: int, names: list[str], what_happened: str) -> str:
+        """Why a save was refused: the optimizer step of `step` left `count` trained weight tensors NaN/inf."""
+        return (
+            f"Training diverged: after the optimizer step of step {step}, {count} trained weight tensors are NaN/inf "
+            f"(e.g. {', '.join(names) or 'on another rank'}); {what_happened}, and {self._last_finite()}. Likely "
+            "cause: divergence: lower --learning_rate and keep gradient clipping on (--max_grad_norm 1.0)."
         )
 
     # ------------------------------------------------------------------------------------------------ logging
@@ -276,6 +300,7 @@ class MoETrainingMonitor(TrainerCallback):
         self._state = state
         self.output_dir = self.output_dir or args.output_dir
         if model is not None:
+            self._model = model
             self.attach(model)
             self._trainable, self._total = count_parameters(model)
         self._start_time, self._start_step = time.perf_counter(), state.global_step
@@ -290,6 +315,7 @@ class MoETrainingMonitor(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()
+        self._model = None
         elapsed = time.perf_counter() - (self._start_time or time.perf_counter())
         device = args.device
         counters = torch.stack(

@@ -126,33 +126,24 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs: che
 
 def write_checkpoint(
     model, tokenizer, output_dir: str | os.PathLike, max_shard_size: str | int = "5GB", overwrite: bool = False,
-    card: dict | None = None, *, inputs: checkpoint_writer.Inputs = None, adapter_dir: str | os.PathLike | None = None,
+    *, inputs: checkpoint_writer.Inputs = None, adapter_dir: str | os.PathLike | None = None,
     dequantized: bool | None = None,
 ) -> Path:
     """Save `model` (released layout) + tokenizer + model card to `output_dir` whole or not at all
     (`checkpoint_writer.save_checkpoint`). With `adapter_dir` the card is the merged card of that adapter (LoRA or
-    ESFT: its training setup, `dequantized` for a QLoRA base); `card` (a dict of the old card fields) is the older
-    call, kept until `finetune/esft/merge.py` passes `adapter_dir`."""
+    ESFT: its training setup, `dequantized` for a QLoRA base)."""
     output_dir = Path(output_dir)
     location = str(output_dir.absolute())
 
     def write_card(staging: Path) -> None:
-        if adapter_dir is not None:
-            from deepseekmoe.model_cards.card import write_merged_card
+        from deepseekmoe.model_cards.card import write_merged_card
 
-            write_merged_card(staging, adapter_dir, model.config, model_name=output_dir.name, location=location,
-                              dequantized=dequantized)
-            return
-        from deepseekmoe.model_card import architecture_summary, write_model_card
-
-        path = write_model_card(staging, "sft", model_name=output_dir.name, adapter=False,
-                                training=architecture_summary(model.config), **card)
-        # The old call names the folder the card is written in: the final one, not the staging folder.
-        path.write_text(path.read_text(encoding="utf-8").replace(str(staging), location), encoding="utf-8")
+        write_merged_card(staging, adapter_dir, model.config, model_name=output_dir.name, location=location,
+                          dequantized=dequantized)
 
     return checkpoint_writer.save_checkpoint(
         model, output_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs,
-        finalize=write_card if adapter_dir is not None or card is not None else None,
+        finalize=write_card if adapter_dir is not None else None,
     )
 
 

@@ -8,22 +8,33 @@ What it changes, and why:
   `MoETrainingMonitor`, together with the expert load (see callbacks.py).
 - Pre-tokenized data. `finetune.data.prepare_sft_dataset` applies the loss masks itself (`labels`), so TRL's
   conversational-only checks for `assistant_only_loss` are bypassed for datasets that already carry `labels`.
-- Checkpoints are written atomically: into `<output_dir>/.staging/checkpoint-N`, then renamed, so an interruption
-  never leaves a half-written `checkpoint-N` for `resume_from_checkpoint` to pick up.
+- Checkpoints go through `modeling_deepseekmoe.checkpoint_writer`: written into `<output_dir>/.staging/checkpoint-N`,
+  validated, then renamed, and rotated out by renaming before deletion, so an interruption never leaves a half-written
+  (or half-deleted) `checkpoint-N` for `resume_from_checkpoint` to pick up. Weights that are NaN/inf are never saved:
+  the save stops the run instead (`TrainingDivergedError`, naming the last checkpoint with finite weights).
+- Resume and `--load_best_model_at_end` read a full model's checkpoint with `from_pretrained` (the released
+  per-expert layout converted to the fused experts); the Trainer's own reader would leave the routed experts as they
+  were. Adapters (LoRA, QLoRA, ESFT) and DeepSpeed / FSDP checkpoints are read by their own loaders.
 """
 
+import copy
 import json
+import logging
 import os
-import shutil
 from contextlib import contextmanager
+from pathlib import Path
 
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import sort_checkpoints
 from trl import SFTTrainer
 
-from .callbacks import MoETrainingMonitor
+from modeling_deepseekmoe import checkpoint_writer
+
+from .callbacks import MoETrainingMonitor, TrainingDivergedError, count_nonfinite_parameters
 
 
+logger = logging.getLogger(__name__)
 STAGING_DIR = ".staging"
+FULL_MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 def _unwrapped_config(model):
@@ -63,39 +74,82 @@ class DeepseekMoESFTTrainer(SFTTrainer):
         self.moe_monitor = monitor or MoETrainingMonitor(self.args.output_dir)
         self.add_callback(self.moe_monitor)
 
-    def training_summary(self, model_args, data_args) -> str:
-        args = self.args
-        lines = [
-            f"- data: `{data_args.dataset_name}` ({data_args.dataset_format} format)",
-            f"- steps: {self.state.global_step}, learning rate {args.learning_rate}, "
-            f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation",
-            f"- aux loss alpha: {_unwrapped_config(self.model).aux_loss_alpha}, routers "
-            f"{'trained' if model_args.train_router else 'frozen'}",
-        ]
-        if self.moe_monitor.summary:
-            lines.append(f"- run summary: {json.dumps(self.moe_monitor.summary)}")
-        return "\n".join(lines)
+    def training_setup(self, model_args, data_args, **extra):
+        """What this run was (`deepseekmoe.model_cards.card.TrainingSetup`): method, LoRA settings or ESFT experts,
+        data, steps trained, learning rate, precision, quantization, the base as an absolute path."""
+        from deepseekmoe.model_cards.card import training_setup
+
+        return training_setup(model_args, data_args, self.args, steps=self.state.global_step,
+                              aux_loss_alpha=_unwrapped_config(self.model).aux_loss_alpha,
+                              summary=self.moe_monitor.summary, **extra)  # fmt: skip
 
     def write_model_card(self, model_args, data_args) -> None:
-        from deepseekmoe.model_card import write_model_card
+        from deepseekmoe.model_cards.card import write_training_card
 
-        method = "LoRA" if model_args.use_peft else "full fine-tuning"
-        if model_args.quantization:
-            method = f"QLoRA ({model_args.quantization} base)"
-        write_model_card(
-            self.args.output_dir,
-            "sft",
-            model_name=os.path.basename(os.path.normpath(self.args.output_dir)),
-            base_model=model_args.model_name_or_path,
-            method=method,
-            adapter=model_args.use_peft,
-            training=self.training_summary(model_args, data_args),
-        )
+        write_training_card(self.args.output_dir, self.training_setup(model_args, data_args))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
             logs.update(self.moe_monitor.pop_log_metrics())
         super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            self.moe_monitor.last_finite_checkpoint = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ loading checkpoints
+
+    def _reads_full_model(self, checkpoint: str) -> bool:
+        """Whether `checkpoint` is a full model this trainer reads itself: single process or DDP (DeepSpeed and FSDP
+        read their own state), not an adapter."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return False
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "peft_config"):
+            return False
+        folder = Path(checkpoint)
+        return (folder / "config.json").is_file() and any((folder / name).is_file() for name in FULL_MODEL_WEIGHTS)
+
+    def load_full_model_weights(self, checkpoint: str, model=None) -> None:
+        """Every weight of `checkpoint` into the model in place, read by `from_pretrained` (released or fused layout,
+        checked against the config) and copied over strictly: no tensor is left as it was."""
+        model = self.accelerator.unwrap_model(model or self.model)
+        dtype = next(model.parameters()).dtype
+        loaded = type(model).from_pretrained(checkpoint, config=copy.deepcopy(model.config), dtype=dtype)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self._reads_full_model(resume_from_checkpoint):
+            logger.info("Loading model from %s.", resume_from_checkpoint)
+            self.load_full_model_weights(resume_from_checkpoint, model)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if self._reads_full_model(best):
+            logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+            self.load_full_model_weights(best)
+        else:
+            super()._load_best_model()
+
+    # ------------------------------------------------------------------------------------------ finite weights
+
+    def refuse_non_finite_weights(self, saving: str) -> None:
+        """Raise `TrainingDivergedError` (on every process) when a trained parameter holds NaN/inf, before `saving`
+        (what was about to be written) is written. Collective: every process calls it."""
+        model = self.accelerator.unwrap_model(self.model)
+        bad, names = count_nonfinite_parameters(model, self.args.device)
+        if bad:
+            raise TrainingDivergedError(self.moe_monitor.nonfinite_weights_message(
+                self.state.global_step, bad, names, f"{saving} was not saved"))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not _internal_call:  # a checkpoint's weights were checked before its save began
+            self.refuse_non_finite_weights(output_dir or self.args.output_dir)
+        super().save_model(output_dir, _internal_call)
 
     # ------------------------------------------------------------------------------------------ atomic checkpoints
 
@@ -110,30 +164,53 @@ class DeepseekMoESFTTrainer(SFTTrainer):
         run_dir = super()._get_output_dir(trial)
         staging = os.path.join(run_dir, STAGING_DIR)
         name = f"checkpoint-{self.state.global_step}"
-        if self.args.should_save:
-            shutil.rmtree(os.path.join(staging, name), ignore_errors=True)  # left over from an interrupted save
-            os.makedirs(staging, exist_ok=True)
+        final, staged = os.path.join(run_dir, name), os.path.join(staging, name)
+        main_process = self.args.should_save
+        self.refuse_non_finite_weights(final)  # before anything is written
+        if main_process:
+            checkpoint_writer.prepare_staging(final, staged)  # removes what an interrupted save left
         self.accelerator.wait_for_everyone()
+        config = _unwrapped_config(self.accelerator.unwrap_model(self.model))
         self._staging_run_dir = staging
         try:
-            super()._save_checkpoint(model, trial)
+            with checkpoint_writer.reporting_disk_full(final, staging if main_process else None):
+                super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()
+                if main_process:
+                    checkpoint_writer.commit_staging(
+                        staged, final, validate=lambda folder: checkpoint_writer.validate_saved_model(folder, config)
+                    )
         finally:
             self._staging_run_dir = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            if not os.listdir(staging):
-                os.rmdir(staging)
+            if main_process:
+                checkpoint_writer.discard_staging(staged)
+                if os.path.isdir(staging) and not os.listdir(staging):
+                    os.rmdir(staging)
+        self.moe_monitor.last_finite_checkpoint = final
+        if main_process:
             best = self.state.best_model_checkpoint
             if best and best.startswith(staging):
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
+            self._rotate_checkpoints_safely(run_dir)
         self.accelerator.wait_for_everyone()
+
+    def _rotate_checkpoints_safely(self, run_dir: str) -> None:
+        """transformers' rotation, each old checkpoint renamed away before it is deleted (a kill mid-deletion never
+        leaves a half-deleted checkpoint under its name)."""
+        limit = self.args.save_total_limit
+        if limit is None or limit <= 0:
+            return
+        checkpoints = sort_checkpoints(output_dir=run_dir)
+        if len(checkpoints) <= limit:
+            return
+        protected = {checkpoints[-1]}  # the latest, for resuming, and the best one
+        if self.state.best_model_checkpoint is not None:
+            protected.add(str(Path(self.state.best_model_checkpoint)))
+        remaining = len(checkpoints)
+        for old in checkpoints:
+            if remaining <= max(limit, len(protected)):
+                break
+            if old not in protected:
+                logger.info("Deleting older checkpoint %s (save_total_limit=%d).", old, limit)
+                checkpoint_writer.remove_directory(old)
+                remaining -= 1

@@ -3,13 +3,18 @@
 `"sorted_loop"`: one sort of the (token, slot) pairs by expert, then per hit expert a gather, two matmuls and an
 `index_add_` on small temporaries, with a custom backward that writes expert weight gradients straight into one buffer
 per fused weight (the fastest path measured on CPU, see benchmarks/results/). `"auto"` (the model's default): the
-fastest measured path on the device at hand.
+fastest measured path on the device at hand, and a traceable one while `torch.compile` or `torch.export` trace it.
+
+Neither calls the activation module: every rank then makes the same module calls whatever the routing (DeepSpeed
+ZeRO-3 hooks every module and stops when ranks disagree).
 """
 
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, _can_use_grouped_mm, grouped_mm_experts_forward
@@ -38,6 +43,16 @@ def _emulates_low_precision_matmul(dtype: torch.dtype) -> bool:
     return not torch.cpu._is_amx_fp16_supported()
 
 
+def activation_function(act_fn: Callable) -> Callable:
+    """The function an activation module computes, called without the module's `__call__`, so no module hook fires
+    a routing-dependent number of times (once per hit expert)."""
+    if isinstance(act_fn, (nn.SiLU, SiLUActivation)):
+        return F.silu
+    if isinstance(act_fn, nn.Module):
+        return act_fn.forward
+    return act_fn
+
+
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, upcast: bool) -> None:
     """out = a @ b, computed in fp32 and rounded into `out` when `upcast`."""
     if upcast:
@@ -55,13 +70,13 @@ def _gated_activation_backward(
     act_fn: Callable, gate_up: torch.Tensor, gate_act: torch.Tensor, grad_activated: torch.Tensor
 ) -> torch.Tensor:
     """Gradient of `act_fn(gate) * up` with respect to `gate_up` ([rows, 2I]), given `gate_act = act_fn(gate)`;
-    closed form for SiLU, autograd through `act_fn` otherwise."""
+    closed form for SiLU (`act_fn` is `F.silu`), autograd through `act_fn` otherwise."""
     gate, up = gate_up.chunk(2, dim=-1)
     grad = torch.empty_like(gate_up)
     grad_gate, grad_up = grad.chunk(2, dim=-1)
     torch.mul(grad_activated, gate_act, out=grad_up)
     torch.mul(grad_activated, up, out=grad_gate)
-    if isinstance(act_fn, (nn.SiLU, SiLUActivation)):
+    if act_fn is F.silu:
         torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
     else:
         with torch.enable_grad():
@@ -70,10 +85,60 @@ def _gated_activation_backward(
     return grad
 
 
+class _RecycledGradientMemory:
+    """Uninitialised gradient buffers for fused expert weights on CPU that reuse the memory of the weight's previous
+    gradient once nothing else holds it (after `zero_grad(set_to_none=True)`).
+
+    At the 16B dims a layer's two fused gradients take 1.1 GB in bf16. Memory that large is mapped anew by the C
+    allocator on every step, and the first-touch page faults cost more than the GEMMs that fill it (AVX512-BF16 VM,
+    1 thread, the 128 weight-gradient GEMMs of a 1024-token step: 0.34 s CPU into reused memory, 1.0-1.4 s into
+    fresh). Per-expert gradients of separate modules are small enough for the allocator to recycle them itself, so
+    without this the fused layout alone would pay it.
+
+    The memory is reused only when its use count shows no other holder: a gradient still alive (accumulation into
+    `.grad`, a reference kept anywhere, a view) gets a fresh buffer, which is not kept. The kept memory is released
+    when the weight is freed or its experts run in eval mode.
+    """
+
+    def __init__(self):
+        self._storages: dict[int, torch.UntypedStorage] = {}
+        self._watched: set[int] = set()
+
+    def empty_like(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.device.type != "cpu" or not hasattr(torch._C, "_storage_Use_Count"):
+            return torch.empty_like(weight)
+        key, nbytes = id(weight), weight.numel() * weight.element_size()
+        storage = self._storages.get(key)
+        if storage is not None and torch._C._storage_Use_Count(storage._cdata) > 1:
+            return torch.empty_like(weight)
+        if storage is not None and storage.nbytes() == nbytes:
+            return weight.new_empty(0).set_(storage, 0, weight.shape, weight.stride())
+        if key not in self._watched:
+            self._watched.add(key)
+            weakref.finalize(weight, self._forget, key)
+        buffer = torch.empty_like(weight)
+        self._storages[key] = buffer.untyped_storage()
+        return buffer
+
+    def _forget(self, key: int) -> None:
+        self._storages.pop(key, None)
+        self._watched.discard(key)
+
+    def holds(self, weight: torch.Tensor) -> bool:
+        return id(weight) in self._storages
+
+    def release(self, *weights: torch.Tensor) -> None:
+        for weight in weights:
+            self._storages.pop(id(weight), None)
+
+
+_RECYCLED_GRADIENT_MEMORY = _RecycledGradientMemory()
+
+
 def _expert_grad_buffer(weight: torch.Tensor, bounds: list[tuple[int, int, int]]) -> torch.Tensor:
     """A gradient buffer for a fused expert weight: uninitialised for the hit experts (the caller writes each of their
     slices whole), zero for the others."""
-    grad = torch.empty_like(weight)
+    grad = _RECYCLED_GRADIENT_MEMORY.empty_like(weight)
     hit = {expert for expert, _, _ in bounds}
     for expert in range(weight.shape[0]):
         if expert not in hit:
@@ -166,29 +231,39 @@ def sorted_loop_experts_forward(
     """Experts implementation `"sorted_loop"`: sort the (token, slot) pairs by expert, one matmul per hit expert.
 
     The fastest path measured on CPU (see benchmarks/). It reads the per-expert counts on the host once per layer,
-    so on CUDA `grouped_mm` is used instead (see `auto_experts_forward`).
+    so on CUDA and while compiling `grouped_mm` is used instead (see `auto_experts_forward`).
     """
     top_k = top_k_index.shape[-1]
     flat_experts = top_k_index.reshape(-1)
     order = torch.argsort(flat_experts, stable=True)
     bounds = hit_expert_bounds(torch.bincount(flat_experts, minlength=self.num_experts).tolist())
     row_weight = top_k_weights.reshape(-1)[order]
+    # int32 row indices: with int64 ones, CPU `index_add_` detours through `scatter_add_`, whose multi-threaded
+    # kernel stalls for tens of ms per call when another process holds a core (measured, 2 threads on 2 cores).
+    row_token = (order // top_k).to(torch.int32)
+    if not self.training:
+        _RECYCLED_GRADIENT_MEMORY.release(self.gate_up_proj, self.down_proj)
     return _SortedExpertsFunction.apply(
         hidden_states,
-        order // top_k,
+        row_token,
         row_weight,
         self.gate_up_proj,
         self.down_proj,
         bounds,
-        self.act_fn,
+        activation_function(self.act_fn),
         torch.is_grad_enabled(),
     )
 
 
 def auto_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Experts implementation `"auto"` (the default): the fastest measured path per device, `grouped_mm` on GPUs that
-    support it (no host sync, CUDA-graph and compile friendly), `sorted_loop` elsewhere."""
-    if hidden_states.device.type == "cuda" and _can_use_grouped_mm(hidden_states, self.gate_up_proj, top_k_index):
+    support it (no host sync, CUDA-graph and compile friendly), `sorted_loop` elsewhere. While `torch.compile` or
+    `torch.export` trace the model, `grouped_mm` on every device: `sorted_loop` reads the per-expert counts on the
+    host, which a full graph cannot."""
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if tracing or (
+        hidden_states.device.type == "cuda" and _can_use_grouped_mm(hidden_states, self.gate_up_proj, top_k_index)
+    ):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return sorted_loop_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 

@@ -2,5 +2,4 @@
 (`deepseekmoe.demo`). Library code lives with its concern: loading in `modeling_deepseekmoe.loading` and
 `deepseekmoe.finetune.adapters`, generation in `deepseekmoe.eval.inference`, model cards in
 `deepseekmoe.model_cards.card`, the synthetic corpus in `deepseekmoe.finetune.synthetic`, memory footprints in
-`modeling_deepseekmoe.footprint` (`deepseekmoe.inference`, `.model_card`, `.synthetic` re-export them until their
-last importers switch)."""
+`modeling_deepseekmoe.footprint`."""

@@ -4,18 +4,7 @@ import argparse
 import sys
 
 from modeling_deepseekmoe import DeepseekMoEConfig
-
-# Re-exported for benchmarks/memory.py, benchmarks/gpu_suite.py and tests/test_quantization.py until they import
-# `modeling_deepseekmoe.footprint`; this command itself uses format_footprint, load_config and memory_footprint.
-from modeling_deepseekmoe.footprint import (  # noqa: F401
-    PRECISION_LABELS,
-    PRECISIONS,
-    format_footprint,
-    load_config,
-    measured_footprint,
-    memory_footprint,
-    quantized_matrix_bytes,
-)
+from modeling_deepseekmoe.footprint import format_footprint, load_config, memory_footprint
 
 
 def print_footprint(config: DeepseekMoEConfig | None = None, file=None):

@@ -5,7 +5,7 @@ import torch
 
 from deepseekmoe.cli import main
 from deepseekmoe.demo import FAST_SETTINGS, ESFT_DOMAIN, run_demo
-from deepseekmoe.synthetic import make_corpus, pretrain
+from deepseekmoe.finetune.synthetic import make_corpus, pretrain
 from modeling_deepseekmoe.checkpoint import validate_checkpoint
 from modeling_deepseekmoe.tokenization import build_tokenizer
 

@@ -41,7 +41,7 @@ from modeling_deepseekmoe.quantization import (
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
-from deepseekmoe.footprint import measured_footprint, memory_footprint  # noqa: E402
+from modeling_deepseekmoe.footprint import measured_footprint, memory_footprint  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 

@@ -8,6 +8,7 @@ import torch
 import modeling_deepseekmoe  # noqa: F401  (registers the "sorted_loop" / "auto" experts implementations)
 from benchmarks.reference_moe import ReferenceMoE
 from modeling_deepseekmoe import DeepseekMoEConfig
+from modeling_deepseekmoe.experts_kernels import _RECYCLED_GRADIENT_MEMORY
 from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoESparseMoeBlock
 
 
@@ -293,3 +294,40 @@ def test_sorted_loop_bf16_training_matches_fp32(monkeypatch, emulated):
     check(dx16, dx32, "input gradient")
     for name, expected in _block_grads(fp32).items():
         check(_block_grads(bf16)[name], expected, f"grad of {name}")
+
+
+def test_sorted_loop_reuses_expert_gradient_memory_only_when_nothing_holds_it():
+    """The fused expert weight gradients reuse the previous step's memory after `zero_grad(set_to_none=True)`; a
+    gradient someone still holds is never overwritten, and eval mode lets the memory go."""
+    config = tiny_config(n_routed_experts=16, num_experts_per_tok=2)
+    block = make_block(config, "sorted_loop", seed=5).train()
+    eager = make_block(tiny_config(n_routed_experts=16, num_experts_per_tok=2), "eager", seed=5).train()
+    gen = torch.Generator().manual_seed(9)
+    first, second = (torch.randn(2, 3, config.hidden_size, generator=gen) for _ in range(2))
+    weight = block.experts.gate_up_proj
+
+    block(first).square().sum().backward()
+    assert _RECYCLED_GRADIENT_MEMORY.holds(weight)
+    kept = weight.grad  # held by the caller across the next step
+    kept_values = kept.clone()
+    block.zero_grad(set_to_none=True)
+    block(second).square().sum().backward()
+    assert weight.grad.data_ptr() != kept.data_ptr()
+    assert torch.equal(kept, kept_values)
+    del kept
+
+    block.zero_grad(set_to_none=True)
+    block(second).square().sum().backward()
+    address = weight.grad.data_ptr()
+    block.zero_grad(set_to_none=True)
+    block(first).square().sum().backward()
+    assert weight.grad.data_ptr() == address  # nothing held it: reused
+    eager(first).square().sum().backward()
+    for name, expected in _block_grads(eager).items():
+        assert_close(_block_grads(block)[name], expected, f"{name} in reused memory")
+
+    assert _RECYCLED_GRADIENT_MEMORY.holds(weight)
+    block.eval()
+    with torch.no_grad():
+        block(first)
+    assert not _RECYCLED_GRADIENT_MEMORY.holds(weight)  # eval mode lets the memory go

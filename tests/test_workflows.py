@@ -167,8 +167,6 @@ def test_routing_analysis_of_a_4bit_model_on_chat_data(base, data, tmp_path):
     assert all((tmp_path / "analysis" / name).is_file() for name in results["files"])
 
 
-@pytest.mark.xfail(strict=True, reason="needs the issue-15 edits to finetune/sft.py (the one loader) and "
-                   "finetune/trainer.py (write_training_card); remove this mark when they land")  # fmt: skip
 def test_a_trained_adapter_records_its_base_as_typed_absolute_and_a_true_card(base, data, tmp_path, monkeypatch):
     from deepseekmoe.model_cards.card import read_training_setup
 
@@ -185,8 +183,6 @@ LOADING_FLAGS = ("--adapter", "--dtype", "--load_in_4bit", "--load_in_8bit", "--
                  "--use_bnb_nested_quant", "--bnb_4bit_compute_dtype")  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="needs the issue-15 edits to scripts/cli.py, eval/cli.py, eval/analysis/cli.py "
-                   "and finetune/esft/cli.py (add_loading_arguments); remove this mark when they land")  # fmt: skip
 def test_every_loading_command_takes_the_same_flags_and_analyze_reads_chat_rows(base, data, tmp_path, capsys):
     for command in (["chat"], ["generate"], ["eval"], ["analyze"], ["esft", "score"]):
         with pytest.raises(SystemExit):

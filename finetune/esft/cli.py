@@ -4,6 +4,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..adapters import add_loading_arguments, loading_options
+
 
 def add_esft_parser(subparsers) -> argparse.ArgumentParser:
     esft = subparsers.add_parser("esft", help="Expert-Specialized Fine-Tuning: score, select, train, merge")
@@ -17,9 +19,7 @@ def add_esft_parser(subparsers) -> argparse.ArgumentParser:
     score.add_argument("--num_sequences", type=int, default=32, help="probe sequences (paper: 32)")
     score.add_argument("--sequence_length", type=int, default=4096, help="tokens per probe sequence (paper: 4096)")
     score.add_argument("--all_tokens", action="store_true", help="score prompt tokens too, not only the trained ones")
-    score.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    score.add_argument("--load_in_4bit", action="store_true")
-    score.add_argument("--device_map", default=None)
+    add_loading_arguments(score)  # --adapter, --dtype, --device_map, --load_in_4bit / 8bit, bnb_*: the one loader
     score.set_defaults(func=_score)
 
     select = steps.add_parser("select", help="choose experts from scores; writes an ESFT expert config")
@@ -46,17 +46,17 @@ def add_esft_parser(subparsers) -> argparse.ArgumentParser:
     merge.add_argument("--output_dir", required=True)
     merge.add_argument("--dtype", default="auto")
     merge.add_argument("--max_shard_size", default="5GB")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     merge.set_defaults(func=_merge)
     return esft
 
 
 def _score(args: argparse.Namespace) -> None:
-    from deepseekmoe.inference import load_for_inference
+    from deepseekmoe.eval.inference import load_for_inference
 
     from .scoring import score_experts, scoring_sequences
 
-    model, tokenizer = load_for_inference(args.model_name_or_path, None, args.dtype, args.load_in_4bit,
-                                          args.device_map)
+    model, tokenizer = load_for_inference(args.model_name_or_path, **loading_options(args))
     sequences = scoring_sequences(args.dataset_name, tokenizer, args.sequence_length, args.num_sequences,
                                   args.all_tokens, args.dataset_format)
     scores = score_experts(model, sequences)
@@ -83,6 +83,9 @@ def _train(args: argparse.Namespace) -> None:
     from .train import parse_esft_args, run_esft
 
     result = run_esft(*parse_esft_args(args.train_argv, prog="deepseekmoe esft train"))
+    if result.skipped:
+        print(result.skipped)
+        return
     print(f"ESFT adapter saved to {result.output_dir}. Run summary: {result.summary}")
 
 
@@ -90,6 +93,7 @@ def _merge(args: argparse.Namespace) -> None:
     from .merge import merge_esft_adapter
 
     output = merge_esft_adapter(
-        args.model_name_or_path, args.adapter_name_or_path, args.output_dir, args.dtype, args.max_shard_size
+        args.model_name_or_path, args.adapter_name_or_path, args.output_dir, args.dtype, args.max_shard_size,
+        overwrite=args.overwrite,
     )
     print(f"Merged checkpoint -> {output}")

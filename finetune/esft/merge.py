@@ -3,12 +3,10 @@
 import os
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from deepseekmoe.inference import DTYPES
-
-from ..merge import _tokenizer_source, check_output_dir, write_checkpoint
-from .adapter import apply_esft_adapter
+from ..adapters import ESFT, adapter_kind, load_model
+from ..merge import _tokenizer_source, check_output_dir, merge_inputs, write_checkpoint
 
 
 def merge_esft_adapter(
@@ -19,11 +17,10 @@ def merge_esft_adapter(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
 ) -> Path:
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
-    check_output_dir(output_dir, overwrite)
-    model = AutoModelForCausalLM.from_pretrained(base_model_name_or_path, dtype=DTYPES[dtype])
-    apply_esft_adapter(model, adapter_dir)
+    if adapter_kind(adapter_dir) != ESFT:
+        raise ValueError(f"{adapter_dir} is a LoRA adapter, not an ESFT one: merge it with `deepseekmoe merge`.")
+    check_output_dir(output_dir, overwrite, merge_inputs(base_model_name_or_path, adapter_dir))
+    model = load_model(base_model_name_or_path, adapter_dir, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(adapter_dir, base_model_name_or_path))
-    card = {"base_model": str(base_model_name_or_path), "method": f"ESFT adapter {adapter_dir} merged"}
-    return write_checkpoint(model, tokenizer, output_dir, max_shard_size, overwrite, card)
+    return write_checkpoint(model, tokenizer, output_dir, max_shard_size, overwrite,
+                            inputs=merge_inputs(base_model_name_or_path, adapter_dir), adapter_dir=adapter_dir)

@@ -10,14 +10,13 @@ not divided by their sum across layers as the public ESFT code does (its issue #
 import json
 import os
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from modeling_deepseekmoe.modeling_deepseekmoe import DeepseekMoEGate
+from modeling_deepseekmoe.routing import record_routing
 
 
 SCORE_TYPES = ("gate", "token")
@@ -69,25 +68,6 @@ class ExpertScores:
         if mismatched:
             details = ", ".join(f"{k}: scores {a!r} vs model {b!r}" for k, (a, b) in mismatched.items())
             raise ValueError(f"These expert scores come from a different model ({details}); score this model again.")
-
-
-@contextmanager
-def _record_routing(model):
-    """Collect (top_k_weights, top_k_index) of every router, keyed by layer, for each forward inside the context."""
-    routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = []
-    for layer_idx, layer in enumerate(model.model.layers):
-        gate = getattr(layer.mlp, "gate", None)
-        if isinstance(gate, DeepseekMoEGate):
-            def record(module, args, output, layer_idx=layer_idx):
-                routing[layer_idx] = (output[2].detach(), output[3].detach())
-
-            hooks.append(gate.register_forward_hook(record))
-    try:
-        yield routing
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def pack_for_scoring(
@@ -151,20 +131,17 @@ def score_experts(model, sequences: list[dict[str, torch.Tensor]], show_progress
     num_sequences = num_tokens = 0
     was_training = model.training
     model.eval()
-    with _record_routing(model) as routing:
+    with record_routing(model, keep_scores=False) as routing:
         for sequence in tqdm(sequences, desc="Scoring experts", disable=not show_progress):
             mask = sequence["score_mask"].to(device=device, dtype=torch.float32)
             scored = int(mask.sum())
             if scored == 0:
                 continue
             model(sequence["input_ids"][None].to(device), use_cache=False)
-            for layer, (weights, index) in routing.items():
-                weights = weights.float() * mask[:, None]
-                gate = torch.zeros(num_experts, device=device).index_add_(0, index.reshape(-1), weights.reshape(-1))
-                chosen = mask[:, None].expand_as(index).reshape(-1)
-                token = torch.zeros(num_experts, device=device).index_add_(0, index.reshape(-1), chosen)
-                gate_sums[layer] = gate_sums.get(layer, 0) + gate / scored
-                token_sums[layer] = token_sums.get(layer, 0) + token / (scored * top_k)
+            gate, token = routing.expert_weight_sums(mask), routing.expert_counts(mask)
+            for layer in routing.outputs:
+                gate_sums[layer] = gate_sums.get(layer, 0) + gate[layer] / scored
+                token_sums[layer] = token_sums.get(layer, 0) + token[layer] / (scored * top_k)
             num_sequences += 1
             num_tokens += scored
     model.train(was_training)

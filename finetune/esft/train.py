@@ -1,15 +1,23 @@
 """ESFT training: the SFT pipeline (same data formats, chat template, trainer, resume and multi-GPU configs) with
-everything frozen but the selected experts; checkpoints and the final output are ESFT adapters (frozen weights are
-never written)."""
+everything frozen but the selected experts; the final output and the weights of each checkpoint are ESFT adapters
+(under DeepSpeed a checkpoint also holds the engine's own files, which resume reads).
+
+    accelerate launch --config_file finetune/configs/fsdp2.yaml -m deepseekmoe.finetune.esft.train --expert_config ...
+"""
 
 import json
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from transformers.trainer import SCHEDULER_NAME
+
 from ..sft import DataArguments, DeepseekSFTConfig, ModelArguments, SFTArgumentParser, run_sft
 from ..trainer import DeepseekMoESFTTrainer
-from .adapter import apply_esft_adapter, save_esft_adapter, validate_expert_config
+from .adapter import adapter_tensors, apply_esft_adapter, save_esft_adapter, validate_expert_config
 from .experts import prepare_esft_model
 
 
@@ -44,33 +52,47 @@ class ESFTTrainer(DeepseekMoESFTTrainer):
         self.expert_config = expert_config
         super().__init__(model, args, **kwargs)
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The ESFT adapter, on any engine: every rank joins in gathering the trained tensors (ZeRO-3 partitions,
+        FSDP2 shards; only those, never the frozen base), the main process alone writes them."""
         output_dir = output_dir or self.args.output_dir
+        if not _internal_call:  # a checkpoint's weights were checked before its save began
+            self.refuse_non_finite_weights(output_dir)
         model = self.accelerator.unwrap_model(self.model)
-        save_esft_adapter(model, self.expert_config, output_dir, base_model_name_or_path=model.config.name_or_path)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        tensors = adapter_tensors(model, self.expert_config)
+        if self.args.should_save:
+            save_esft_adapter(model, self.expert_config, output_dir, base_model_name_or_path=model.config.name_or_path,
+                              tensors=tensors)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The weights are the adapter save_model wrote; the Trainer would add the whole model (frozen base included).
+        from accelerate.utils import save_fsdp_optimizer
+
+        plugin = self.accelerator.state.fsdp_plugin
+        save_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # Single process / DDP: before the model is wrapped; FSDP2: after, into the shards (DeepSpeed resumes from
+        # its own checkpoint instead).
         apply_esft_adapter(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
-    def write_model_card(self, model_args, data_args) -> None:
-        from deepseekmoe.model_card import write_model_card
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:  # the engine's own checkpoint
+            return super()._load_best_model()
+        apply_esft_adapter(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
-        output_dir = Path(self.args.output_dir)
-        selection = "\n".join(f"- layer {layer}: experts {ids}" for layer, ids in self.expert_config["experts"].items())
-        selection += (f"\n- shared experts trained: {self.expert_config.get('shared_experts', False)}"
-                      f"\n- non-expert modules trained: {self.expert_config.get('non_expert_modules', False)}")
-        size = (output_dir / "adapter_model.safetensors").stat().st_size
-        write_model_card(
-            output_dir,
-            "esft",
-            model_name=output_dir.name,
-            base_model=model_args.model_name_or_path,
-            selection=selection,
-            training=self.training_summary(model_args, data_args),
-            adapter_size=f"{size / 1e6:.2f} MB",
-        )
+    def write_model_card(self, model_args, data_args) -> None:
+        from deepseekmoe.model_cards.card import write_training_card
+
+        setup = self.training_setup(model_args, data_args, expert_config=self.expert_config)
+        write_training_card(self.args.output_dir, setup)
 
 
 def run_esft(model_args: ModelArguments, data_args: DataArguments, training_args: DeepseekSFTConfig,
@@ -103,7 +125,7 @@ def parse_esft_args(argv: list[str] | None = None, prog: str | None = None):
     """(model_args, data_args, training_args, esft_args): the SFT flags plus --expert_config (`--config FILE` too)."""
     parser = SFTArgumentParser((ModelArguments, DataArguments, DeepseekSFTConfig, ESFTArguments), prog=prog,
                                description="Expert-Specialized Fine-Tuning of DeepSeekMoE.")
-    parsed = parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_into_dataclasses(argv)
     model_args, data_args, _, esft_args = parsed
     required = {"--model_name_or_path": model_args.model_name_or_path, "--dataset_name": data_args.dataset_name,
                 "--expert_config": esft_args.expert_config}
@@ -111,3 +133,13 @@ def parse_esft_args(argv: list[str] | None = None, prog: str | None = None):
         if value is None:
             parser.error(f"{name} is required")
     return parsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_esft(*parse_esft_args(argv, prog="deepseekmoe esft train"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
