@@ -31,6 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from . import experts_kernels  # noqa: F401  (registers the "sorted_loop" and "auto" experts implementations)
+from .experts_kernels import activation_function
 from .checkpoint import BASE_MODEL, CAUSAL_LM, HEAD_TENSORS, kind_of_architectures, validate_checkpoint
 from .configuration_deepseekmoe import DeepseekMoEConfig
 
@@ -341,12 +342,13 @@ class DeepseekMoEExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         final_hidden_states = torch.zeros_like(hidden_states)
+        act = activation_function(self.act_fn)  # not the module: hooks must not fire once per hit expert
         for expert in range(self.num_experts):
             token_idx, slot = torch.where(top_k_index == expert)
             if token_idx.numel() == 0:
                 continue
             gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            expert_out = F.linear(act(gate) * up, self.down_proj[expert])
             expert_out = expert_out * top_k_weights[token_idx, slot, None]
             final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
         return final_hidden_states
