@@ -42,6 +42,14 @@ def _unwrapped_config(model):
     return base.config
 
 
+def _restore_dtypes(model, dtypes: dict) -> None:
+    """PEFT's `load_adapter` rebuilds the adapter in float32 (a QLoRA run trains it in the compute dtype): put every
+    parameter back in the dtype the run had, so a resumed run computes as the uninterrupted one."""
+    for name, parameter in model.named_parameters():
+        if name in dtypes and parameter.dtype != dtypes[name] and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtypes[name])
+
+
 @contextmanager
 def _labels_precomputed(args, dataset):
     """TRL refuses `assistant_only_loss` for a dataset that is not conversational; a tokenized dataset with `labels`
@@ -125,7 +133,10 @@ class DeepseekMoESFTTrainer(SFTTrainer):
             logger.info("Loading model from %s.", resume_from_checkpoint)
             self.load_full_model_weights(resume_from_checkpoint, model)
         else:
+            unwrapped = self.accelerator.unwrap_model(model or self.model)
+            dtypes = {name: p.dtype for name, p in unwrapped.named_parameters()}
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+            _restore_dtypes(unwrapped, dtypes)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint

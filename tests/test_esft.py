@@ -197,3 +197,83 @@ def test_a_batch_routing_no_token_to_any_selected_expert_trains_with_zero_gradie
         experts = model.model.layers[layer].mlp.experts
         for weight in (experts.gate_up_proj, experts.down_proj):
             assert weight.grad is not None and torch.count_nonzero(weight.grad) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad inputs: non-finite scores, outputs over inputs, unknown flags, a finished run
+
+
+def test_scores_of_a_nan_poisoned_model_are_refused_and_a_nan_scores_file_selects_nothing(tmp_path, capsys):
+    from deepseekmoe.cli import main
+
+    model = base_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"MoE layer\(s\) \[1, 2\] .*NaN/inf"):
+        score_experts(model, probe_sequences(1), show_progress=False)
+
+    scores = hand_made_scores()
+    scores.gate[1][0] = float("nan")
+    path = scores.save(tmp_path / "nan_scores.json")
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1\] from this scores file are NaN/inf"):
+        select_experts(ExpertScores.load(path), "gate")
+    output = tmp_path / "experts.json"
+    assert main(["esft", "select", "--scores_file", str(path), "--output_file", str(output),
+                 "--score_function", "gate"]) != 0
+    assert "NaN/inf" in capsys.readouterr().err and not output.exists()
+
+
+@pytest.fixture(scope="module")
+def esft_run(tmp_path_factory):
+    from deepseekmoe.finetune.esft.train import parse_esft_args, run_esft
+    from test_sft import TOY_ROWS, TRAIN_FLAGS, write_base, write_jsonl
+
+    root = tmp_path_factory.mktemp("esft_cli")
+    (root / "sel.json").write_text(json.dumps(SELECTION))
+    argv = ["--model_name_or_path", str(write_base(root / "base")), "--dataset_name",
+            str(write_jsonl(root / "task.jsonl", TOY_ROWS)), "--expert_config", str(root / "sel.json"),
+            "--output_dir", str(root / "adapter"), "--max_steps", "1", *TRAIN_FLAGS]
+    run_esft(*parse_esft_args(argv))
+    return root, argv
+
+
+@pytest.mark.parametrize("target", ["base", "adapter"])
+def test_esft_merge_never_overwrites_its_inputs(esft_run, target, capsys):
+    from deepseekmoe.cli import main
+
+    root, _ = esft_run
+    before = sorted(p.name for p in (root / target).iterdir())
+    assert main(["esft", "merge", "--model_name_or_path", str(root / "base"), "--adapter_name_or_path",
+                 str(root / "adapter"), "--output_dir", str(root / target), "--overwrite"]) != 0
+    err = capsys.readouterr().err
+    assert "would destroy it" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in (root / target).iterdir()) == before
+
+
+def test_esft_merge_overwrite_replaces_an_earlier_output(esft_run, capsys):
+    from deepseekmoe.cli import main
+
+    root, _ = esft_run
+    merge = ["esft", "merge", "--model_name_or_path", str(root / "base"), "--adapter_name_or_path",
+             str(root / "adapter"), "--output_dir", str(root / "merged")]
+    (root / "merged").mkdir()
+    (root / "merged" / "old.txt").write_text("earlier output")
+    assert main(merge) != 0 and "--overwrite" in capsys.readouterr().err
+    assert main([*merge, "--overwrite"]) == 0
+    assert (root / "merged" / "config.json").is_file() and not (root / "merged" / "old.txt").exists()
+
+
+def test_esft_train_refuses_unknown_flags_and_skips_a_finished_run(esft_run, capsys):
+    from deepseekmoe.cli import main
+
+    root, argv = esft_run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["esft", "train", *argv, "--lerning_rate", "1e-3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --lerning_rate" in capsys.readouterr().err
+
+    weights = (root / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(["esft", "train", *argv, "--resume_from_checkpoint", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "ESFT adapter saved" not in out and out.strip(), out
+    assert (root / "adapter" / "adapter_model.safetensors").read_bytes() == weights

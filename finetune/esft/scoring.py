@@ -8,6 +8,7 @@ not divided by their sum across layers as the public ESFT code does (its issue #
 """
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,6 +63,15 @@ class ExpertScores:
             )
         except KeyError as err:
             raise ValueError(f"{path} is not an ESFT scores file (missing {err}).") from err
+
+    def check_finite(self, source: str) -> None:
+        """Refuse NaN/inf scores (a model with non-finite weights routes with NaN weights): they select every expert."""
+        bad = sorted({layer for values in (self.gate, self.token) for layer, scores in values.items()
+                      if not all(math.isfinite(score) for score in scores)})
+        if bad:
+            raise ValueError(f"The expert scores of MoE layer(s) {bad} from {source} are NaN/inf: the model's routing "
+                             "is not finite (NaN/inf weights, e.g. from a diverged run). Score a model with finite "
+                             "weights.")
 
     def check_matches(self, config) -> None:
         mismatched = {k: (v, getattr(config, k, None)) for k, v in self.config.items() if getattr(config, k, None) != v}
@@ -147,10 +157,12 @@ def score_experts(model, sequences: list[dict[str, torch.Tensor]], show_progress
     model.train(was_training)
     if num_sequences == 0:
         raise ValueError("No sequence has a token to score (all masked); use all tokens or other data.")
-    return ExpertScores(
+    scores = ExpertScores(
         gate={layer: (values / num_sequences).tolist() for layer, values in sorted(gate_sums.items())},
         token={layer: (values / num_sequences).tolist() for layer, values in sorted(token_sums.items())},
         num_sequences=num_sequences,
         num_tokens=num_tokens,
         config={key: getattr(config, key) for key in SCORED_CONFIG_KEYS},
     )
+    scores.check_finite(getattr(config, "name_or_path", None) or "this model")
+    return scores

@@ -28,6 +28,7 @@ def select_experts(
         raise ValueError("Give either p or top_k_per_layer, not both.")
     if top_k_per_layer is not None and top_k_per_layer < 1:
         raise ValueError(f"top_k_per_layer must be >= 1, got {top_k_per_layer}.")
+    scores.check_finite("this scores file")
     threshold = DEFAULT_THRESHOLDS[score_type] if p is None else p
     if top_k_per_layer is None and not 0 < threshold <= 1:
         raise ValueError(f"p must be in (0, 1], got {threshold}.")
