@@ -141,7 +141,7 @@ def load_tokenizer(model_name_or_path: str | os.PathLike, adapter: str | os.Path
 
     import modeling_deepseekmoe  # noqa: F401  (AutoTokenizer reads config.json: the model type must be known)
 
-    return AutoTokenizer.from_pretrained(tokenizer_source(model_name_or_path, adapter))
+    return AutoTokenizer.from_pretrained(tokenizer_source(model_name_or_path, adapter), trust_remote_code=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 renamed, normal permissions, "disk full at ..."), output folders owned by one run, no output over an input, and data
 errors that name the line."""
 
+import io
 import json
 import os
 import signal
@@ -381,3 +382,24 @@ def test_esft_train_output_folders_belong_to_one_selection(base, data, tmp_path)
     with pytest.raises(ValueError, match="would resume another run.*method"):
         esft("--resume_from_checkpoint", "true", "--max_steps", "2")
     assert listing(tmp_path / "esft") == adapter
+
+
+def test_a_config_without_model_type_never_runs_the_checkpoints_code(tmp_path, capsys, monkeypatch):
+    """Issue 18 item 8: transformers would offer to run `configuration_deepseek.py`; every loading command refuses
+    with one line instead, whatever is typed at a prompt."""
+    checkpoint = tmp_path / "planted"
+    checkpoint.mkdir()
+    marker = tmp_path / "planted-code-ran"
+    (checkpoint / "config.json").write_text(json.dumps({
+        "architectures": ["DeepseekForCausalLM"], "hidden_size": 32,
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
+    }))
+    for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
+        (checkpoint / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    for argv in (["generate", str(checkpoint), "--prompt", "hi"], ["chat", str(checkpoint), "--message", "hi"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "model_type None, not 'deepseek'" in err, err
+    assert not marker.exists()
