@@ -224,7 +224,7 @@ def validate_checkpoint(
     experts) present with the shape the config implies (unless `ignore_mismatched_sizes`) and a floating-point dtype,
     and no other tensor. Returns that kind; raises `CheckpointError` naming the file, tensor and fix."""
     directory = Path(directory)
-    _check_model_type(directory)
+    check_model_type(directory)
     files = checkpoint_tensor_files(directory, use_safetensors, variant)
     actual: dict[str, TensorInfo] = {}
     for file_name in sorted(set(files.values())):
@@ -290,7 +290,9 @@ def is_prequantized_config(config: DeepseekMoEConfig) -> bool:
     return getattr(config, "quantization_config", None) is not None
 
 
-def _check_model_type(directory: Path) -> None:
+def check_model_type(directory: str | Path) -> None:
+    """Refuse a directory whose config.json is not a DeepSeekMoE one (before anything would run its code)."""
+    directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         return

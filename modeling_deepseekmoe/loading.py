@@ -14,7 +14,6 @@
 Adapters (LoRA, ESFT) are applied on top by `deepseekmoe.finetune.adapters.load_model`, which calls this.
 """
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
+
+from .checkpoint import check_model_type
 
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -194,26 +195,9 @@ def load_pretrained_model(
         kwargs["experts_implementation"] = experts_implementation
     model_class = model_class or AutoModelForCausalLM
     if not kwargs.setdefault("trust_remote_code", False):
-        require_deepseek_checkpoint(model_name_or_path)
+        check_model_type(model_name_or_path)  # before transformers would offer to run the checkpoint's code
     return model_class.from_pretrained(model_reference(model_name_or_path), dtype=torch_dtype, **kwargs)
 
-
-def require_deepseek_checkpoint(model_name_or_path) -> None:
-    """Refuse a local checkpoint whose config.json is not a DeepSeekMoE one (`model_type` "deepseek"), before
-    transformers would offer to run the checkpoint's own code: no file of a checkpoint directory is ever executed."""
-    config_file = os.path.join(str(model_name_or_path), "config.json")
-    if not os.path.isfile(config_file):
-        return
-    try:
-        with open(config_file, encoding="utf-8") as handle:
-            model_type = json.load(handle).get("model_type")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ValueError(f"{config_file} is not a readable JSON config ({err}).") from None
-    if model_type != "deepseek":
-        raise ValueError(
-            f"{config_file} has model_type {model_type!r}, not 'deepseek': it is not a DeepSeekMoE checkpoint, and "
-            "its own code is never run. Fix config.json (the released one says \"model_type\": \"deepseek\")."
-        )
 
 
 def quantization_record(options: QuantizationArguments, dtype="auto") -> dict | None:
