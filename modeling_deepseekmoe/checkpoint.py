@@ -10,16 +10,14 @@ the family can have: the base model's (no `model.` prefix, no head), the classif
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .configuration_deepseekmoe import DeepseekMoEConfig
-
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -320,17 +318,28 @@ def _config_summary(config: DeepseekMoEConfig) -> str:
     )
 
 
-def _random_tensors(
-    config: DeepseekMoEConfig, dtype: torch.dtype, generator: torch.Generator
-) -> Iterator[tuple[str, torch.Tensor]]:
-    std = config.initializer_range
-    for name, shape in released_tensor_shapes(config).items():
-        if name.endswith("layernorm.weight") or name == "model.norm.weight":
-            yield name, torch.ones(shape, dtype=dtype)
-        elif name.endswith(".bias"):
-            yield name, torch.zeros(shape, dtype=dtype)
-        else:
-            yield name, (torch.randn(shape, generator=generator) * std).to(dtype)
+def _random_tensor(name: str, shape: tuple[int, ...], config: DeepseekMoEConfig, dtype, generator) -> torch.Tensor:
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return torch.ones(shape, dtype=dtype)
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=dtype)
+    return (torch.randn(shape, generator=generator) * config.initializer_range).to(dtype)
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _safetensors_header(entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> bytes:
+    """The header of a safetensors file holding `entries` (name, shape) of `dtype`, data in that order."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for name, shape in entries:
+        size = itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    return len(encoded).to_bytes(8, "little") + encoded
 
 
 def write_random_released_checkpoint(
@@ -340,51 +349,59 @@ def write_random_released_checkpoint(
     max_shard_bytes: int = 5 * 1024**3,
     seed: int = 0,
     weight_format: str = "safetensors",
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write random weights for `config` in the released layout, the way the released repos look: per-expert tensors,
     shards plus an index, and a config.json with `auto_map` to the remote code, `architectures:
-    ["DeepseekForCausalLM"]` and `torch_dtype`. Streams shard by shard, so the full 16B config fits in host memory.
-    `weight_format` is "safetensors" or "bin" (the older `pytorch_model-*.bin` repos)."""
+    ["DeepseekForCausalLM"]` and `torch_dtype`. Safetensors shards are written tensor by tensor (memory holds one
+    tensor, so the full 16B is written on any machine); `progress(bytes)` is called after each tensor.
+    `weight_format` is "safetensors" or "bin" (the older `pytorch_model-*.bin` repos, written shard by shard)."""
     if weight_format not in ("safetensors", "bin"):
         raise ValueError(f"weight_format must be 'safetensors' or 'bin', got {weight_format!r}")
+    if weight_format == "safetensors" and dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(map(str, _SAFETENSORS_DTYPES))}, got {dtype}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     extension = "safetensors" if weight_format == "safetensors" else "bin"
     stem = "model" if weight_format == "safetensors" else "pytorch_model"
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    temporary_names: list[str] = []
-    weight_map: dict[str, int] = {}
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     shard_bytes, total_bytes = 0, 0
-
-    def flush(shard: dict[str, torch.Tensor]) -> None:
-        temporary = f"{stem}-shard{len(temporary_names):05d}.tmp"
-        if weight_format == "safetensors":
-            save_file(shard, str(directory / temporary), metadata={"format": "pt"})
-        else:
-            torch.save(shard, directory / temporary)
-        temporary_names.append(temporary)
-
-    for name, tensor in _random_tensors(config, dtype, generator):
-        size = tensor.numel() * tensor.element_size()
+    for name, shape in released_tensor_shapes(config).items():
+        size = itemsize * int(torch.Size(shape).numel())
         if shards[-1] and shard_bytes + size > max_shard_bytes:
-            flush(shards[-1])
-            shards[-1] = {}
+            shards.append([])
             shard_bytes = 0
-        shards[-1][name] = tensor
-        weight_map[name] = len(temporary_names)
+        shards[-1].append((name, shape))
         shard_bytes += size
         total_bytes += size
-    flush(shards[-1])
 
-    count = len(temporary_names)
+    count = len(shards)
     final_names = [f"{stem}-{i + 1:05d}-of-{count:05d}.{extension}" for i in range(count)]
-    for temporary, final in zip(temporary_names, final_names):
-        os.replace(directory / temporary, directory / final)
+    for number, entries in enumerate(shards):
+        temporary = directory / f"{stem}-shard{number:05d}.tmp"
+        if weight_format == "safetensors":
+            with open(temporary, "wb") as handle:
+                handle.write(_safetensors_header(entries, dtype))
+                for name, shape in entries:
+                    tensor = _random_tensor(name, shape, config, dtype, generator)
+                    handle.write(tensor.contiguous().view(torch.uint8).numpy().data)
+                    if progress is not None:
+                        progress(tensor.numel() * itemsize)
+        else:
+            shard = {name: _random_tensor(name, shape, config, dtype, generator) for name, shape in entries}
+            torch.save(shard, temporary)
+            if progress is not None:
+                progress(sum(t.numel() * itemsize for t in shard.values()))
+    for number, final in enumerate(final_names):
+        os.replace(directory / f"{stem}-shard{number:05d}.tmp", directory / final)
     index = {
         "metadata": {"total_size": total_bytes},
-        "weight_map": {name: final_names[i] for name, i in sorted(weight_map.items())},
+        "weight_map": {name: final_names[i] for i, entries in enumerate(shards) for name, _ in sorted(entries)},
     }
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
     (directory / (SAFE_INDEX if weight_format == "safetensors" else BIN_INDEX)).write_text(json.dumps(index, indent=2))
     (directory / "config.json").write_text(json.dumps(released_config_dict(config, dtype), indent=2))
     return directory

@@ -10,6 +10,7 @@ alone (no download), the way `from_pretrained(..., quantization_config=BitsAndBy
 """
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -177,3 +178,62 @@ def load_config(path: str | None) -> DeepseekMoEConfig:
     if path.endswith(".json"):
         return DeepseekMoEConfig.from_json_file(path)
     return DeepseekMoEConfig.from_pretrained(path)
+
+
+# Memory a loaded model needs beyond its weights before the load is refused: the interpreter, torch and transformers
+# (~0.5 GB) and a forward's activations.
+LOAD_HEADROOM_BYTES = 1_500_000_000
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still take: the kernel's MemAvailable, capped by a cgroup (v2 or v1) limit; None where
+    neither can be read (not Linux)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            room = int(limit) - int(usage)
+            available = room if available is None else min(available, room)
+        break
+    return available
+
+
+class InsufficientMemoryError(ValueError):
+    """The weights would not fit in the memory left; raised before any weight is read."""
+
+
+def check_fits_in_memory(config: DeepseekMoEConfig, precision: str, bytes_per_weight_scale: float = 1.0,
+                         available: int | None = None) -> None:  # fmt: skip
+    """Refuse a load whose weights (`precision`'s footprint, times `bytes_per_weight_scale` for fp32) plus
+    `LOAD_HEADROOM_BYTES` exceed the available memory, naming the precisions that would fit."""
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return
+    table = memory_footprint(config)
+    needed = int(table.bytes(precision) * bytes_per_weight_scale)
+    if needed + LOAD_HEADROOM_BYTES <= available:
+        return
+    fits = [
+        f"{flag} ({_gb(table.bytes(name))} GB)"
+        for name, flag in (("int8", "--load_in_8bit"), ("nf4-dq", "--load_in_4bit"))
+        if table.bytes(name) + LOAD_HEADROOM_BYTES <= available
+    ]
+    label = "float32" if bytes_per_weight_scale == 2 else PRECISION_LABELS[precision]
+    advice = f"load it with {' or '.join(fits)}, or" if fits else "nothing fits here; use a machine with more RAM or"
+    raise InsufficientMemoryError(
+        f"The model's weights need {_gb(needed)} GB in {label} but only {_gb(available)} GB of memory is available: "
+        f"{advice} pass device_map='auto' with offload_folder=DIR to offload what does not fit to disk (slow)."
+    )

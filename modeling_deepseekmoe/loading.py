@@ -196,8 +196,30 @@ def load_pretrained_model(
     model_class = model_class or AutoModelForCausalLM
     if not kwargs.setdefault("trust_remote_code", False):
         check_model_type(model_name_or_path)  # before transformers would offer to run the checkpoint's code
+    if device_map is None:
+        _check_fits_in_memory(model_name_or_path, torch_dtype, options)
     return model_class.from_pretrained(model_reference(model_name_or_path), dtype=torch_dtype, **kwargs)
 
+
+
+def _check_fits_in_memory(model_name_or_path, torch_dtype, options: QuantizationArguments) -> None:
+    """Before reading any weight: refuse a CPU load of a local checkpoint whose weights do not fit in memory."""
+    config_file = Path(os.fspath(model_name_or_path)).expanduser() / "config.json"
+    if torch.cuda.is_available() or not config_file.is_file():
+        return
+    from .configuration_deepseekmoe import DeepseekMoEConfig
+    from .footprint import check_fits_in_memory
+
+    config = DeepseekMoEConfig.from_json_file(config_file)
+    if options.load_in_4bit:
+        precision, scale = ("nf4-dq" if options.use_bnb_nested_quant else "nf4"), 1.0
+    elif options.load_in_8bit:
+        precision, scale = "int8", 1.0
+    else:
+        dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(
+            str(getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."))  # fmt: skip
+        precision, scale = "bf16", (2.0 if dtype == torch.float32 else 1.0)
+    check_fits_in_memory(config, precision, scale)
 
 
 def quantization_record(options: QuantizationArguments, dtype="auto") -> dict | None:
