@@ -31,26 +31,29 @@ import torch
 from modeling_deepseekmoe.footprint import PRECISION_LABELS, PRECISIONS, format_footprint, load_config, memory_footprint
 from modeling_deepseekmoe import DeepseekMoEConfig
 from modeling_deepseekmoe.checkpoint import write_random_released_checkpoint
+from modeling_deepseekmoe.loading import QuantizationArguments
 
 
 RESULTS_DIR = Path(__file__).parent / "results"
 TARGET_4BIT_GB = 11.0
 
 
-def quantization_config(precision: str):
-    """The `BitsAndBytesConfig` each measured precision loads with (None: plain bf16)."""
-    from transformers import BitsAndBytesConfig
+# Each measured precision as the project's loading flags: the 4-bit rows are `--load_in_4bit` as every command means
+# it (nf4, double quantization unless switched off), in a bf16 compute dtype.
+PRECISION_FLAGS = {
+    "bf16": {},
+    "int8": {"load_in_8bit": True},
+    "nf4": {"load_in_4bit": True, "use_bnb_nested_quant": False},
+    "nf4-dq": {"load_in_4bit": True},
+}
 
-    if precision == "bf16":
-        return None
-    if precision == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=precision == "nf4-dq",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+
+def quantization_config(precision: str):
+    """The `BitsAndBytesConfig` each measured precision loads with (None: plain bf16), from the project's one builder
+    (`modeling_deepseekmoe.loading.quantization_config`)."""
+    if precision not in PRECISION_FLAGS:
+        raise ValueError(f"Unknown precision {precision!r}; use one of {list(PRECISION_FLAGS)}.")
+    return QuantizationArguments(**PRECISION_FLAGS[precision]).bnb_config(dtype=torch.bfloat16)
 
 
 @dataclass
@@ -126,10 +129,10 @@ def _release(device: str) -> None:
 
 
 SETTINGS = (
-    "Settings: `dtype=torch.bfloat16`; 8-bit = `BitsAndBytesConfig(load_in_8bit=True)` (LLM.int8, threshold 6.0); "
-    "4-bit = `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.bfloat16)`"
-    ", with `bnb_4bit_use_double_quant=True` for the double-quant row. Embeddings, lm_head, routers and norms stay "
-    "bf16."
+    "Settings: `dtype=torch.bfloat16`; 8-bit = `--load_in_8bit` (LLM.int8, threshold 6.0); 4-bit = `--load_in_4bit` "
+    "(nf4, bf16 compute) with `--use_bnb_nested_quant false`, and as is (double quantization) for the double-quant "
+    "row: the configs of `modeling_deepseekmoe.loading.quantization_config`. Embeddings, lm_head, routers and norms "
+    "stay bf16."
 )
 
 

@@ -65,18 +65,38 @@ def _local_values(parameter: torch.Tensor) -> torch.Tensor:
     return parameter
 
 
-def count_nonfinite_parameters(model: torch.nn.Module, device=None, limit: int = 3) -> tuple[int, list[str]]:
-    """(how many trained floating-point parameters hold NaN/inf on any process, up to `limit` of their names seen
-    here). Checks each process's own shards; collective when distributed (every process calls it)."""
+def saved_tensors(model: torch.nn.Module):
+    """(name, tensor) of everything a save of `model` writes: every parameter (trained or frozen) and persistent
+    buffer of a full model; the trained parameters of a PEFT model (its adapter, `modules_to_save` included: the
+    frozen base is not written)."""
+    if hasattr(model, "peft_config"):
+        yield from ((name, p) for name, p in model.named_parameters() if p.requires_grad)
+        return
+    yield from model.named_parameters()
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield f"{module_name}.{name}" if module_name else name, buffer
+
+
+def count_nonfinite_tensors(tensors, device=None, limit: int = 3) -> tuple[int, list[str]]:
+    """(how many of the floating-point `tensors` ((name, tensor) pairs) hold NaN/inf on any process, up to `limit`
+    of their names seen here). Checks each process's own shards; collective when distributed (every process calls
+    it)."""
     names = []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad or not parameter.is_floating_point():
+    for name, tensor in tensors:
+        if not tensor.is_floating_point():
             continue
-        values = _local_values(parameter)
+        values = _local_values(tensor)
         if values.numel() and not torch.isfinite(values.detach()).all():
             names.append(name)
     count = torch.tensor([float(len(names))], device=device)
     return int(_all_reduce(count).item()), names[:limit]
+
+
+def count_nonfinite_parameters(model: torch.nn.Module, device=None, limit: int = 3) -> tuple[int, list[str]]:
+    """`count_nonfinite_tensors` over what a save of `model` writes (`saved_tensors`)."""
+    return count_nonfinite_tensors(saved_tensors(model), device, limit)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -260,9 +280,9 @@ class MoETrainingMonitor(TrainerCallback):
                 f"--resume_from_checkpoint {self.last_finite_checkpoint}")
 
     def nonfinite_weights_message(self, step: int, count: int, names: list[str], what_happened: str) -> str:
-        """Why a save was refused: the optimizer step of `step` left `count` trained weight tensors NaN/inf."""
+        """Why a save was refused: after the optimizer step of `step`, `count` tensors to be saved are NaN/inf."""
         return (
-            f"Training diverged: after the optimizer step of step {step}, {count} trained weight tensors are NaN/inf "
+            f"Training diverged: after the optimizer step of step {step}, {count} weight tensors are NaN/inf "
             f"(e.g. {', '.join(names) or 'on another rank'}); {what_happened}, and {self._last_finite()}. Likely "
             "cause: divergence: lower --learning_rate and keep gradient clipping on (--max_grad_norm 1.0)."
         )

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +38,19 @@ TARGET_ALIASES = {"all": list(TARGET_GROUPS), "all-linear": ["attention", "share
 @dataclass
 class DeepseekMoELoraConfig(LoraConfig):
     """PEFT's `LoraConfig` plus the routed experts that carry LoRA (`expert_ids`, {layer: [expert ids]}; None for
-    every expert of every targeted layer), saved in the adapter's `adapter_config.json`."""
+    every expert of every targeted layer), saved in the adapter's `adapter_config.json` when there is a selection:
+    without one the file is a plain `LoraConfig`, which PEFT's own readers take without an "Unexpected keyword
+    arguments" warning."""
 
     expert_ids: dict[int, list[int]] | None = field(
         default=None, metadata={"help": "Routed experts that get LoRA, per layer (None: all of them)."}
     )
+
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        if values.get("expert_ids") is None:
+            values.pop("expert_ids", None)
+        return values
 
 
 def target_modules_pattern(targets: str | Iterable[str], layers: Iterable[int] | None = None) -> str:
@@ -131,9 +140,13 @@ def load_lora_config(adapter_dir: str | os.PathLike) -> DeepseekMoELoraConfig:
 
 
 def load_lora_adapter(model, adapter_dir: str | os.PathLike, is_trainable: bool = False, **kwargs) -> PeftModel:
-    """`PeftModel.from_pretrained` for DeepSeekMoE adapters, with the expert LoRA layer registered again."""
+    """`PeftModel.from_pretrained` for DeepSeekMoE adapters, with the expert LoRA layer registered again (the config,
+    `expert_ids` included, read by `load_lora_config`, not by PEFT's reader, which would warn about it and drop it)."""
     config = load_lora_config(adapter_dir)
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=is_trainable, **kwargs)
+    with warnings.catch_warnings():
+        # PEFT probes the base with transformers' deprecated `is_gradient_checkpointing`: nothing a user can act on.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=is_trainable, **kwargs)
 
 
 def merge_lora(peft_model: PeftModel):

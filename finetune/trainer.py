@@ -11,7 +11,12 @@ What it changes, and why:
 - Checkpoints go through `modeling_deepseekmoe.checkpoint_writer`: written into `<output_dir>/.staging/checkpoint-N`,
   validated, then renamed, and rotated out by renaming before deletion, so an interruption never leaves a half-written
   (or half-deleted) `checkpoint-N` for `resume_from_checkpoint` to pick up. Weights that are NaN/inf are never saved:
-  the save stops the run instead (`TrainingDivergedError`, naming the last checkpoint with finite weights).
+  the save stops the run instead (`TrainingDivergedError`, naming the last checkpoint with finite weights); every
+  tensor the save writes is checked (`tensors_to_save`: frozen parameters and persistent buffers too). The staged
+  `trainer_state.json` records the best checkpoint under its final name, which a resumed run reads.
+- Model cards. The run's card (`deepseekmoe.model_cards`) is written when the run finishes, from what it was; TRL's
+  draft card (at every checkpoint) and PEFT's (in every adapter folder) are not written, so an interrupted run leaves
+  no card claiming a generic fine-tune of an unknown base.
 - Resume and `--load_best_model_at_end` read a full model's checkpoint with `from_pretrained` (the released
   per-expert layout converted to the fused experts); the Trainer's own reader would leave the routed experts as they
   were. Adapters (LoRA, QLoRA, ESFT) and DeepSpeed / FSDP checkpoints are read by their own loaders.
@@ -24,12 +29,13 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import sort_checkpoints
 from trl import SFTTrainer
 
 from modeling_deepseekmoe import checkpoint_writer
 
-from .callbacks import MoETrainingMonitor, TrainingDivergedError, count_nonfinite_parameters
+from .callbacks import MoETrainingMonitor, TrainingDivergedError, count_nonfinite_tensors, saved_tensors
 
 
 logger = logging.getLogger(__name__)
@@ -48,6 +54,20 @@ def _restore_dtypes(model, dtypes: dict) -> None:
     for name, parameter in model.named_parameters():
         if name in dtypes and parameter.dtype != dtypes[name] and parameter.is_floating_point():
             parameter.data = parameter.data.to(dtypes[name])
+
+
+@contextmanager
+def _without_peft_card(model):
+    """PEFT's `save_pretrained` writes (or amends) a generic README.md into every adapter folder; the run's own card
+    is written when it finishes (`write_model_card`)."""
+    if not hasattr(model, "create_or_update_model_card"):
+        yield
+        return
+    model.create_or_update_model_card = lambda output_dir: None
+    try:
+        yield
+    finally:
+        del model.create_or_update_model_card
 
 
 @contextmanager
@@ -95,6 +115,10 @@ class DeepseekMoESFTTrainer(SFTTrainer):
         from deepseekmoe.model_cards.card import write_training_card
 
         write_training_card(self.args.output_dir, self.training_setup(model_args, data_args))
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Not TRL's draft card (written into output_dir at every checkpoint: "fine-tuned version of [None]"): the
+        card is `write_model_card`'s, written when the run finishes."""
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
@@ -148,11 +172,16 @@ class DeepseekMoESFTTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------------------------------ finite weights
 
+    def tensors_to_save(self, model):
+        """(name, tensor) of what a save writes (`callbacks.saved_tensors`: a full model whole, a PEFT model's
+        adapter)."""
+        return saved_tensors(model)
+
     def refuse_non_finite_weights(self, saving: str) -> None:
-        """Raise `TrainingDivergedError` (on every process) when a trained parameter holds NaN/inf, before `saving`
-        (what was about to be written) is written. Collective: every process calls it."""
+        """Raise `TrainingDivergedError` (on every process) when a tensor the save writes holds NaN/inf, before
+        `saving` (what was about to be written) is written. Collective: every process calls it."""
         model = self.accelerator.unwrap_model(self.model)
-        bad, names = count_nonfinite_parameters(model, self.args.device)
+        bad, names = count_nonfinite_tensors(self.tensors_to_save(model), self.args.device)
         if bad:
             raise TrainingDivergedError(self.moe_monitor.nonfinite_weights_message(
                 self.state.global_step, bad, names, f"{saving} was not saved"))
@@ -161,6 +190,10 @@ class DeepseekMoESFTTrainer(SFTTrainer):
         if not _internal_call:  # a checkpoint's weights were checked before its save began
             self.refuse_non_finite_weights(output_dir or self.args.output_dir)
         super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        with _without_peft_card(self.accelerator.unwrap_model(self.model)):
+            super()._save(output_dir, state_dict)
 
     # ------------------------------------------------------------------------------------------ atomic checkpoints
 
@@ -187,6 +220,7 @@ class DeepseekMoESFTTrainer(SFTTrainer):
             with checkpoint_writer.reporting_disk_full(final, staging if main_process else None):
                 super()._save_checkpoint(model, trial)
                 self.accelerator.wait_for_everyone()
+                self._record_best_under_final_name(staging, run_dir, staged)
                 if main_process:
                     checkpoint_writer.commit_staging(
                         staged, final, validate=lambda folder: checkpoint_writer.validate_saved_model(folder, config)
@@ -199,11 +233,20 @@ class DeepseekMoESFTTrainer(SFTTrainer):
                     os.rmdir(staging)
         self.moe_monitor.last_finite_checkpoint = final
         if main_process:
-            best = self.state.best_model_checkpoint
-            if best and best.startswith(staging):
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
             self._rotate_checkpoints_safely(run_dir)
         self.accelerator.wait_for_everyone()
+
+    def _record_best_under_final_name(self, staging: str, run_dir: str, staged: str) -> None:
+        """transformers names the best checkpoint after the folder it was saved in: when the best is the checkpoint
+        being staged, that is `.staging/checkpoint-N`, which the rename makes disappear. The state (in memory and in
+        the staged trainer_state.json) gets the name the checkpoint will have."""
+        best = self.state.best_model_checkpoint
+        if not (best and Path(best).parent == Path(staging)):
+            return
+        self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+        state_file = os.path.join(staged, TRAINER_STATE_NAME)
+        if self.args.should_save and os.path.isfile(state_file):
+            self.state.save_to_json(state_file)
 
     def _rotate_checkpoints_safely(self, run_dir: str) -> None:
         """transformers' rotation, each old checkpoint renamed away before it is deleted (a kill mid-deletion never

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
@@ -283,6 +284,27 @@ def aux_loss_segments(
     return AuxLossSegments(segment_ids, num_segments, token_weight)
 
 
+def expert_slot_counts(
+    top_k_index: torch.Tensor,
+    num_experts: int,
+    token_weight: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    num_segments: int = 1,
+) -> torch.Tensor:
+    """[num_segments, E] float32: routing slots per expert of each segment (`segment_ids` [N], all tokens in one
+    without); each (token, k) slot counts its token's weight (1 if not given, 0 for padding). The one per-expert load
+    computation: the balance loss counts with it, and so does everything that reads routing
+    (`modeling_deepseekmoe.routing.expert_counts`)."""
+    slots = top_k_index if segment_ids is None else segment_ids[:, None] * num_experts + top_k_index
+    slots = slots.reshape(-1)
+    if token_weight is None:
+        weight = torch.ones(slots.shape[0], device=slots.device, dtype=torch.float32)
+    else:
+        weight = token_weight.to(device=slots.device, dtype=torch.float32).repeat_interleave(top_k_index.shape[-1])
+    counts = torch.zeros(num_segments * num_experts, device=slots.device, dtype=torch.float32)
+    return counts.index_add_(0, slots, weight).view(num_segments, num_experts)
+
+
 def expert_balance_loss(scores: torch.Tensor, top_k_index: torch.Tensor, segments: AuxLossSegments) -> torch.Tensor:
     """Paper Eq. 12-14 (N' = N, K' = K), without the alpha factor.
 
@@ -295,9 +317,7 @@ def expert_balance_loss(scores: torch.Tensor, top_k_index: torch.Tensor, segment
     if weight is None:
         weight = torch.ones(scores.shape[0], device=scores.device, dtype=torch.float32)
     tokens = torch.zeros(num_segments, device=scores.device, dtype=torch.float32).index_add_(0, segment_ids, weight)
-    flat_slots = (segment_ids[:, None] * num_experts + top_k_index).reshape(-1)
-    counts = torch.zeros(num_segments * num_experts, device=scores.device, dtype=torch.float32)
-    counts = counts.index_add_(0, flat_slots, weight.repeat_interleave(top_k)).view(num_segments, num_experts)
+    counts = expert_slot_counts(top_k_index, num_experts, weight, segment_ids, num_segments)
     prob_sums = torch.zeros(num_segments, num_experts, device=scores.device, dtype=torch.float32)
     prob_sums = prob_sums.index_add(0, segment_ids, scores.float() * weight[:, None])
     denominator = tokens.clamp(min=1.0)[:, None]
@@ -614,6 +634,24 @@ def router_aux_loss(
     return config.aux_loss_alpha * total
 
 
+class _SuppressTokensByMask(SuppressTokensLogitsProcessor):
+    """`SuppressTokensLogitsProcessor` with its vocabulary mask built once instead of by `torch.isin` at every step:
+    for the 2385 padding ids of the released vocabulary that took longer than a 4-bit 16B decode step on CPU."""
+
+    def __init__(self, suppress_tokens: torch.Tensor):
+        self.suppress_tokens = suppress_tokens
+        self._mask: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        mask = self._mask
+        if mask is None or mask.shape[0] != scores.shape[-1] or mask.device != scores.device:
+            mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            ids = self.suppress_tokens.to(scores.device)
+            mask[ids[(ids >= 0) & (ids < scores.shape[-1])]] = True
+            self._mask = mask
+        return scores.masked_fill(mask, -float("inf"))
+
+
 class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -641,6 +679,13 @@ class DeepseekMoEForCausalLM(DeepseekMoEPreTrainedModel, GenerationMixin):
             tokenizer_size = RELEASED_TOKENIZER_SIZE
         if tokenizer_size is not None and tokenizer_size < self.config.vocab_size:
             generation_config.suppress_tokens = list(range(tokenizer_size, self.config.vocab_size))
+
+    def _get_logits_processor(self, *args, **kwargs):
+        processors = super()._get_logits_processor(*args, **kwargs)
+        for index, processor in enumerate(processors):
+            if type(processor) is SuppressTokensLogitsProcessor:
+                processors[index] = _SuppressTokensByMask(processor.suppress_tokens)
+        return processors
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, allow_shrink: bool = False, **kwargs):
         """As in transformers, but shrinking is refused unless `allow_shrink=True`: the released embedding has 102400

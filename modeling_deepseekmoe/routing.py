@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .modeling_deepseekmoe import DeepseekMoESparseMoeBlock
+from .modeling_deepseekmoe import DeepseekMoESparseMoeBlock, expert_slot_counts
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -65,13 +65,8 @@ def moe_blocks(model: nn.Module) -> dict[int, DeepseekMoESparseMoeBlock]:
 
 def expert_counts(top_k_index: torch.Tensor, num_experts: int, token_weight: torch.Tensor | None = None):
     """[E] float32: routing slots per expert; each (token, k) slot counts its token's weight (1 if not given, 0 for
-    padding). The one per-expert load computation."""
-    slots = top_k_index.reshape(-1)
-    if token_weight is None:
-        weight = torch.ones(slots.shape[0], device=slots.device, dtype=torch.float32)
-    else:
-        weight = token_weight.to(device=slots.device, dtype=torch.float32).repeat_interleave(top_k_index.shape[-1])
-    return torch.zeros(num_experts, device=slots.device, dtype=torch.float32).index_add_(0, slots, weight)
+    padding). The model's own count (`expert_slot_counts`, what its balance loss counts with) over one segment."""
+    return expert_slot_counts(top_k_index, num_experts, token_weight)[0]
 
 
 def expert_weight_sums(

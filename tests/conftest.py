@@ -4,6 +4,7 @@ import torch
 import modeling_deepseekmoe  # noqa: F401  (registers the model type)
 from modeling_deepseekmoe import DeepseekMoEConfig
 from modeling_deepseekmoe.checkpoint import write_random_released_checkpoint
+from modeling_deepseekmoe.tokenization import build_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -36,6 +37,15 @@ def tiny_config(**overrides) -> DeepseekMoEConfig:
     )
     values.update(overrides)
     return DeepseekMoEConfig(**values)
+
+
+def write_tiny_checkpoint(directory, *, max_position_embeddings: int = 128, max_shard_bytes: int = 60_000):
+    """A tiny checkpoint in the released layout (per-expert keys, shards of at most `max_shard_bytes`, auto_map) with
+    a tiny tokenizer and the DeepSeek chat template, in `directory`: what a user downloads, at toy size."""
+    tokenizer = build_tokenizer(512, save_directory=directory)
+    config = tiny_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=max_position_embeddings)
+    return write_random_released_checkpoint(config, directory, dtype=torch.float32, max_shard_bytes=max_shard_bytes)
 
 
 @pytest.fixture

@@ -1,6 +1,9 @@
+import json
+import warnings
+
 import pytest
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from deepseekmoe.finetune.expert_lora import ExpertsLoraLayer
 from deepseekmoe.finetune.lora import build_lora_config, load_lora_adapter, merge_lora
@@ -67,6 +70,26 @@ def test_selected_experts_only_change_and_adapter_round_trips(tmp_path):
         changed = (merged.model.layers[layer].mlp.experts.gate_up_proj
                    != before.model.layers[layer].mlp.experts.gate_up_proj).flatten(1).any(dim=1)
         assert changed.nonzero().flatten().tolist() == selection[layer]
+
+
+def test_loading_an_expert_lora_adapter_is_silent_and_keeps_its_selection(tmp_path):
+    selection = {1: [2, 5], 2: [0]}
+    lora_model("experts", expert_ids=selection).save_pretrained(tmp_path / "selected")
+    lora_model(["attention", "experts"]).save_pretrained(tmp_path / "every_expert")
+    assert json.loads((tmp_path / "selected" / "adapter_config.json").read_text())["expert_ids"] == {
+        "1": [2, 5], "2": [0]}  # fmt: skip
+    # Without a selection the file is a plain LoraConfig: PEFT's own reader takes it as it is.
+    assert "expert_ids" not in json.loads((tmp_path / "every_expert" / "adapter_config.json").read_text())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert LoraConfig.from_pretrained(str(tmp_path / "every_expert")).r == 8
+        selected = load_lora_adapter(base_model(), tmp_path / "selected")
+        every = load_lora_adapter(base_model(), tmp_path / "every_expert")
+    assert not [str(warning.message) for warning in caught]
+    assert selected.peft_config["default"].expert_ids == selection
+    assert every.peft_config["default"].expert_ids is None
+    experts = every.base_model.model.model.layers[1].mlp.experts
+    assert isinstance(experts, ExpertsLoraLayer) and experts.lora_expert_ids["default"].tolist() == list(range(8))
 
 
 def test_layer_restriction_and_gradients_reach_only_lora(tmp_path):

@@ -303,6 +303,26 @@ def test_released_vocab_suppresses_padding_ids_by_default():
     assert model.generation_config.pad_token_id == 100001
 
 
+def test_suppressed_ids_are_masked_as_transformers_does_and_never_generated():
+    from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+
+    model = make_model().eval()
+    model.apply_generation_defaults(tokenizer_size=80)
+    processors = model._get_logits_processor(
+        generation_config=model.generation_config, input_ids_seq_length=4, encoder_input_ids=None,
+        prefix_allowed_tokens_fn=None, logits_processor=None,
+    )  # fmt: skip
+    suppress = [p for p in processors if isinstance(p, SuppressTokensLogitsProcessor)]
+    assert len(suppress) == 1 and type(suppress[0]) is not SuppressTokensLogitsProcessor
+    scores = torch.randn(3, 96)
+    expected = SuppressTokensLogitsProcessor(range(80, 96))(None, scores)
+    assert torch.equal(suppress[0](None, scores), expected)
+    assert torch.equal(suppress[0](None, scores), expected)  # the cached mask
+    with torch.no_grad():
+        generated = model.generate(random_ids(2, 4), max_new_tokens=6, do_sample=False)
+    assert generated[:, 4:].max() < 80
+
+
 def test_resize_token_embeddings_refuses_to_shrink():
     model = make_model()
     with pytest.raises(ValueError, match="would shrink the embedding from 96"):

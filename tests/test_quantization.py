@@ -1,5 +1,6 @@
 """4-bit / 8-bit loading in which the routed experts really are quantized (bitsandbytes on CPU, tiny models)."""
 
+import ast
 import copy
 import logging
 import os
@@ -195,28 +196,37 @@ def test_8bit_experts_forward_equals_dequantized_experts(quantized, input_ids):
     assert torch.equal(logits(model, input_ids), logits(dense_experts, input_ids))
 
 
+def routed_inputs(hidden_size: int, tokens: int = 10, num_experts: int = 8, top_k: int = 3, seed: int = 1):
+    """(hidden states, top-k expert ids, top-k weights) of `tokens` randomly routed tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, generator=generator)
+    top_k_index = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)])
+    return hidden, top_k_index, torch.rand(tokens, top_k, generator=generator)
+
+
+def assert_same_forward_and_backward(experts, dense, hidden, top_k_index, top_k_weights) -> None:
+    """`experts` computes exactly what `dense` does: output and the gradients of the inputs and routing weights."""
+    results = []
+    for module in (experts, dense):
+        states, weights = hidden.clone().requires_grad_(), top_k_weights.clone().requires_grad_()
+        output = module(states, top_k_index, weights)
+        output.pow(2).sum().backward()
+        results.append((output.detach(), states.grad, weights.grad))
+    for quantized_result, dense_result in zip(*results):
+        assert torch.equal(quantized_result, dense_result)
+
+
 @pytest.mark.parametrize("implementation", ["auto", "eager", "sorted_loop", "grouped_mm"])
 @pytest.mark.parametrize("precision", ["nf4-dq", "int8"])
 def test_quantized_experts_match_dense_forward_and_backward(quantized, implementation, precision):
     experts = moe_blocks(quantized[precision])[0].experts
     dense = experts.to_dense()
-    generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(10, 32, generator=generator)
-    top_k_index = torch.stack([torch.randperm(8, generator=generator)[:3] for _ in range(10)])
-    top_k_weights = torch.rand(10, 3, generator=generator)
     saved = experts.config._experts_implementation
     experts.config._experts_implementation = implementation
     try:
-        results = []
-        for module in (experts, dense):
-            states, weights = hidden.clone().requires_grad_(), top_k_weights.clone().requires_grad_()
-            output = module(states, top_k_index, weights)
-            output.pow(2).sum().backward()
-            results.append((output.detach(), states.grad, weights.grad))
+        assert_same_forward_and_backward(experts, dense, *routed_inputs(hidden_size=32))
     finally:
         experts.config._experts_implementation = saved
-    for quantized_result, dense_result in zip(*results):
-        assert torch.equal(quantized_result, dense_result)
     gate_up, down = experts.dequantize_expert(3)
     assert torch.equal(gate_up, dense.gate_up_proj[3]) and torch.equal(down, dense.down_proj[3])
 
@@ -575,10 +585,7 @@ def test_mixed_model_inference_matches_the_dequantized_model(mixed, input_ids):
 def test_routed_experts_inference_loop_then_training(mixed):
     experts = copy.deepcopy(moe_blocks(mixed)[0].experts)
     dense = experts.to_dense()
-    generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(10, 64, generator=generator)
-    top_k_index = torch.stack([torch.randperm(8, generator=generator)[:3] for _ in range(10)])
-    top_k_weights = torch.rand(10, 3, generator=generator)
+    hidden, top_k_index, top_k_weights = routed_inputs(hidden_size=64)
     with torch.no_grad():
         expected = dense(hidden, top_k_index, top_k_weights)
         if PACKED_HERE:
@@ -592,15 +599,8 @@ def test_routed_experts_inference_loop_then_training(mixed):
             projection.packed_kernel = False
         torch.testing.assert_close(loop.eval()(hidden, top_k_index, top_k_weights), expected, rtol=1e-6, atol=1e-6)
     # A call that needs gradients runs on the plain weights again, exactly as the dense experts do.
-    results = []
-    for module in (experts, dense):
-        states, weights = hidden.clone().requires_grad_(), top_k_weights.clone().requires_grad_()
-        output = module(states, top_k_index, weights)
-        output.pow(2).sum().backward()
-        results.append((output.detach(), states.grad, weights.grad))
+    assert_same_forward_and_backward(experts, dense, hidden, top_k_index, top_k_weights)
     assert not any(is_packed_for_cpu(projection.weight) for _, _, projection in experts.projections())
-    for quantized_result, dense_result in zip(*results):
-        assert torch.equal(quantized_result, dense_result)
 
 
 def test_kernel_path_descriptions(monkeypatch):
@@ -657,3 +657,42 @@ def test_dequantize_model_refuses_adapter_layers(checkpoint):
     model = peft.get_peft_model(load_bf16_4bit(checkpoint), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="merge_adapter_into_dequantized_model"):
         dequantize_model(model)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def bitsandbytes_config_calls() -> list[str]:
+    """Every `BitsAndBytesConfig(...)` call in the project's code outside the tests, as "path:line"."""
+    calls = []
+    for path in sorted(REPO_ROOT.rglob("*.py")):
+        relative = path.relative_to(REPO_ROOT)
+        if relative.parts[0] == "tests" or any(part.startswith(".") or part.endswith(".egg-info")
+                                               for part in relative.parts):  # fmt: skip
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Call):
+                function = node.func
+                name = getattr(function, "id", None) or getattr(function, "attr", None)
+                if name == "BitsAndBytesConfig":
+                    calls.append(f"{relative}:{node.lineno}")
+    return calls
+
+
+def test_one_bitsandbytes_config_builder_in_the_tree():
+    """Every command, library function and benchmark means the same by 4-bit / 8-bit: the config is built in
+    `modeling_deepseekmoe.loading.quantization_config` only."""
+    calls = bitsandbytes_config_calls()
+    assert calls and all(call.startswith("modeling_deepseekmoe/loading.py:") for call in calls), calls
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.memory import quantization_config
+    from modeling_deepseekmoe.loading import QuantizationArguments
+
+    as_flags = {"int8": QuantizationArguments(load_in_8bit=True),
+                "nf4": QuantizationArguments(load_in_4bit=True, use_bnb_nested_quant=False),
+                "nf4-dq": QuantizationArguments(load_in_4bit=True)}  # fmt: skip
+    assert quantization_config("bf16") is None
+    for precision, flags in as_flags.items():
+        assert quantization_config(precision).to_dict() == flags.bnb_config(dtype="bfloat16").to_dict(), precision
+    assert quantization_config("nf4").bnb_4bit_compute_dtype == torch.bfloat16

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from deepseekmoe.cli import main
 from deepseekmoe.finetune.callbacks import TrainingDivergedError
 from deepseekmoe.finetune.esft.train import parse_esft_args, run_esft
+from deepseekmoe.model_cards.card import ESFT, LORA, read_training_setup
 from modeling_deepseekmoe.checkpoint import checkpoint_tensor_files
 
 from test_sft import TOY_ROWS, TRAIN_FLAGS, InterruptAt, losses, qlora_skip_reason, write_base, write_jsonl
@@ -117,6 +118,41 @@ def test_load_best_model_at_end_restores_every_weight_of_the_best_checkpoint(mod
     assert not differing, f"not loaded from the best checkpoint: {differing}"
 
 
+@pytest.mark.parametrize("mode", ["lora", "esft"])
+def test_an_interrupted_run_leaves_no_card_and_the_finished_run_its_own(mode, workspace, tmp_path):
+    output = tmp_path / "card"
+    with pytest.raises(KeyboardInterrupt):
+        run(mode, workspace, output, "--save_steps", "1", callbacks=[InterruptAt(3)])
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not list(output.rglob("README.md")), "TRL's / PEFT's generic card was written"
+    run(mode, workspace, output, "--save_steps", "1", "--resume_from_checkpoint", "true")
+    assert list(output.rglob("README.md")) == [output / "README.md"]
+    setup = read_training_setup(output)
+    assert (setup.method, setup.steps, setup.base_model) == ({"lora": LORA, "esft": ESFT}[mode], 4,
+                                                              str(workspace["base"].absolute()))  # fmt: skip
+
+
+BEST_FLAGS = ["--eval_strategy", "steps", "--eval_steps", "2", "--load_best_model_at_end", "true",
+              "--metric_for_best_model", "eval_loss", "--max_steps", "6", "--save_total_limit", "2"]
+
+
+def test_the_best_checkpoint_is_recorded_under_its_final_name_and_a_resume_loads_it(workspace, tmp_path):
+    output, snapshots = tmp_path / "best_resumed", Snapshots(steps=[2])
+    flags = [*BEST_FLAGS, "--eval_dataset_name", str(workspace["data"])]
+    with pytest.raises(KeyboardInterrupt):
+        run("full", workspace, output, *flags, callbacks=[snapshots, RecordEval(), InterruptAt(3)])
+    resumed = run("full", workspace, output, *flags, "--resume_from_checkpoint", "true", callbacks=[RecordEval()])
+    # Rotation (save_total_limit 2) deleted checkpoint-4, kept the latest and the best; each names the best as it is.
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-6"]
+    for checkpoint in output.glob("checkpoint-*"):
+        best = json.loads((checkpoint / "trainer_state.json").read_text())["best_model_checkpoint"]
+        assert best == str(output / "checkpoint-2"), (checkpoint, best)
+    assert resumed.trainer.state.best_model_checkpoint == str(output / "checkpoint-2")
+    final = {name: p.detach() for name, p in resumed.trainer.model.named_parameters()}
+    differing = [name for name, value in snapshots.at_step[2].items() if not torch.equal(final[name], value)]
+    assert not differing, f"the resumed run did not end on the best checkpoint: {differing}"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Non-finite weights are never saved
 
@@ -140,25 +176,34 @@ def test_diverged_weights_are_never_saved_and_the_stop_names_the_last_finite_che
 
 
 class PoisonAfterStep(TrainerCallback):
-    """The optimizer step of `step` leaves an expert weight NaN, as a diverging update would."""
+    """The optimizer step of `step` leaves a weight NaN (by default a routed expert's), as a diverging update would."""
 
-    def __init__(self, step):
-        self.step = step
+    def __init__(self, step, weight=lambda model: model.model.layers[1].mlp.experts.down_proj[0]):
+        self.step, self.weight = step, weight
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.step:
             with torch.no_grad():
-                model.model.layers[1].mlp.experts.down_proj[0, 0, 0] = float("nan")
+                self.weight(model)[0, 0] = float("nan")
 
 
 @pytest.mark.parametrize("mode", ["full", "esft"])
 def test_a_checkpoint_of_nan_weights_is_refused_before_it_is_written(mode, workspace, tmp_path):
     output = tmp_path / "poisoned"
-    with pytest.raises(TrainingDivergedError, match="after the optimizer step of step 4, 1 trained weight tensors "
+    with pytest.raises(TrainingDivergedError, match="after the optimizer step of step 4, 1 weight tensors "
                                                     r"are NaN/inf \(e.g. .*down_proj\); .*checkpoint-4 was not saved"):
         run(mode, workspace, output, "--max_steps", "6", callbacks=[PoisonAfterStep(4)])
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (output / ".staging").exists()
+
+
+def test_a_frozen_but_saved_weight_that_is_nan_is_refused_too(workspace, tmp_path):
+    output = tmp_path / "frozen"
+    frozen_router = PoisonAfterStep(4, lambda model: model.model.layers[2].mlp.gate.weight)
+    with pytest.raises(TrainingDivergedError, match=r"step 4, 1 weight tensors are NaN/inf \(e.g. "
+                                                    r"model.layers.2.mlp.gate.weight\); .*checkpoint-4 was not saved"):
+        run("full", workspace, output, "--max_steps", "6", callbacks=[frozen_router])
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 def test_nan_weights_after_the_last_step_leave_no_final_model(workspace, tmp_path):

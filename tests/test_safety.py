@@ -21,22 +21,16 @@ from deepseekmoe.finetune.merge import merge_adapter
 from deepseekmoe.finetune.run_folder import RUN_INFO_FILE
 from deepseekmoe.finetune.sft import parse_sft_args, run_sft
 from modeling_deepseekmoe import DeepseekMoEForCausalLM, checkpoint_writer
-from modeling_deepseekmoe.checkpoint import write_random_released_checkpoint
 from modeling_deepseekmoe.checkpoint_writer import DiskFullError
-from modeling_deepseekmoe.tokenization import build_tokenizer
 
-from conftest import tiny_config
+from conftest import write_tiny_checkpoint
 from test_sft import TOY_ROWS, TRAIN_FLAGS, InterruptAt, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny released-layout checkpoint (several shards) with a tokenizer and the chat template."""
-    directory = tmp_path_factory.mktemp("base") / "base"
-    tokenizer = build_tokenizer(512, save_directory=directory)
-    config = tiny_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=128)  # fmt: skip
-    return write_random_released_checkpoint(config, directory, dtype=torch.float32, max_shard_bytes=60_000)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "base", max_shard_bytes=60_000)
 
 
 @pytest.fixture(scope="module")

@@ -280,6 +280,30 @@ def flat_grads(model) -> torch.Tensor:
     return torch.cat(grads)
 
 
+def test_the_balance_loss_counts_the_expert_load_the_routing_record_counts():
+    """One per-expert load computation: per segment (a sequence, padding excluded), the balance loss is
+    E / (K T) * sum_i count_i * mean_t P_i, count_i as `routing.expert_counts` counts the segment's tokens."""
+    from modeling_deepseekmoe.modeling_deepseekmoe import aux_loss_segments, expert_balance_loss
+    from modeling_deepseekmoe.routing import expert_counts
+
+    batch, length, experts, top_k = 3, 7, 8, 3
+    mask = torch.ones(batch, length)
+    mask[0, :3] = 0
+    segments = aux_loss_segments(tiny_config(seq_aux=True, aux_loss_ignore_padding=True), batch, length,
+                                 torch.device("cpu"), mask)  # fmt: skip
+    scores = torch.randn(batch * length, experts, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    top_k_index = scores.topk(top_k, dim=-1).indices
+    expected = []
+    for segment in range(batch):
+        rows = segments.segment_ids == segment
+        weight = segments.token_weight[rows]
+        tokens = weight.sum()
+        counts = expert_counts(top_k_index[rows], experts, weight)
+        assert counts.sum() == top_k * tokens  # padding routes no slot
+        expected.append((counts * experts / (top_k * tokens) * (scores[rows] * weight[:, None]).sum(0) / tokens).sum())
+    torch.testing.assert_close(expert_balance_loss(scores, top_k_index, segments), torch.stack(expected).mean())
+
+
 def test_aux_loss_is_applied_once_and_logged_as_the_models(base_dir, toy_data, tmp_path):
     result = sft(base_dir, toy_data, tmp_path / "aux", "--max_steps", "1", "--aux_loss_alpha", "0.5", train=False)
     trainer, model = result.trainer, result.trainer.model

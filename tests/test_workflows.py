@@ -22,10 +22,8 @@ from deepseekmoe.eval.inference import chat_input_ids, load_for_inference
 from deepseekmoe.finetune.adapters import adapter_kind, load_model, load_tokenizer
 from deepseekmoe.finetune.merge import merge_adapter
 from deepseekmoe.finetune.sft import parse_sft_args, run_sft
-from modeling_deepseekmoe.checkpoint import write_random_released_checkpoint
-from modeling_deepseekmoe.tokenization import build_tokenizer
 
-from conftest import tiny_config
+from conftest import write_tiny_checkpoint
 from test_eval import offline, shared_task_index  # noqa: F401  (no hub; one lm-eval task index for the module)
 
 
@@ -53,11 +51,8 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny checkpoint in the released layout, with a tokenizer."""
-    directory = tmp_path_factory.mktemp("released")
-    tokenizer = build_tokenizer(512, save_directory=directory)
-    config = tiny_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=256)  # fmt: skip
-    return write_random_released_checkpoint(config, directory, dtype=torch.float32, max_shard_bytes=200_000)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("released"), max_position_embeddings=256,
+                                 max_shard_bytes=200_000)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,11 @@ class ESFTTrainer(DeepseekMoESFTTrainer):
         self.expert_config = expert_config
         super().__init__(model, args, **kwargs)
 
+    def tensors_to_save(self, model):
+        """What the ESFT adapter holds: the trained tensors (selected experts; shared experts and non-expert modules
+        when the config trains them), not the frozen base."""
+        return ((name, p) for name, p in model.named_parameters() if p.requires_grad)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The ESFT adapter, on any engine: every rank joins in gathering the trained tensors (ZeRO-3 partitions,
         FSDP2 shards; only those, never the frozen base), the main process alone writes them."""
