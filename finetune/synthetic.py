@@ -152,3 +152,66 @@ def domain_losses(model, tokenizer, corpus: list[dict], batch_size: int = 64) ->
             count += tokens
         losses[domain] = total / count
     return losses
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Knowledge tasks: new facts in a domain the model already routes to a few experts (the ESFT experiment and demo).
+# Their answers are memorised mappings, which a transformer stores in its feed-forward (here: expert) weights.
+
+_SYLLABLES = [c + v for c in "bdgklmnprstvz" for v in "aeiou"]
+PRETRAIN_FACTS_SEED, PRETRAIN_FACTS_COUNT = 1234, 200
+
+
+def fact_table(count: int, seed: int, exclude=frozenset()) -> dict[str, int]:
+    """`count` made-up two-syllable names (none in `exclude`) with a code 10-99 each, deterministic for a seed."""
+    rng, table = random.Random(seed), {}
+    if count > len(_SYLLABLES) ** 2 - len(exclude):
+        raise ValueError(f"At most {len(_SYLLABLES) ** 2 - len(exclude)} fact names are available, not {count}.")
+    while len(table) < count:
+        name = rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES)
+        if name not in exclude and name not in table:
+            table[name] = rng.randint(10, 99)
+    return table
+
+
+def fact_pair(name: str, code: int) -> tuple[str, str]:
+    """(prompt, answer) of one fact: "the code of bako is" -> " 47"."""
+    return f"the code of {name} is", f" {code}"
+
+
+_PRETRAIN_FACTS: dict[str, int] = {}
+
+
+def pretrain_facts() -> dict[str, int]:
+    """The facts of the "facts" pre-training domain (a fixed table)."""
+    if not _PRETRAIN_FACTS:
+        _PRETRAIN_FACTS.update(fact_table(PRETRAIN_FACTS_COUNT, PRETRAIN_FACTS_SEED))
+    return _PRETRAIN_FACTS
+
+
+def _facts(rng: random.Random) -> str:
+    table = pretrain_facts()
+    name = rng.choice(sorted(table))
+    return "".join(fact_pair(name, table[name]))
+
+
+def product_table(low: int = 0, high: int = 9, symbol: str = "x") -> list[tuple[str, str]]:
+    """A new arithmetic operator over digits: (prompt, answer) pairs "7x3=" -> "21", every pair from low to high."""
+    return [(f"{a}{symbol}{b}=", str(a * b)) for a in range(low, high + 1) for b in range(low, high + 1)]
+
+
+KNOWLEDGE_DOMAINS: dict[str, Callable[[random.Random], str]] = {**DOMAINS, "facts": _facts}
+
+
+def make_mixed_corpus(samples_per_domain: int, seed: int, generators: dict[str, Callable[[random.Random], str]]):
+    """`make_corpus` over any generators (e.g. `KNOWLEDGE_DOMAINS`): [{"text", "domain"}], deterministic for a seed."""
+    rng = random.Random(seed)
+    rows = [{"text": make(rng), "domain": name} for _ in range(samples_per_domain) for name, make in generators.items()]
+    rng.shuffle(rows)
+    return rows
+
+
+def pair_conversations(pairs: list[tuple[str, str]]) -> list[dict]:
+    """Chat-format rows of (prompt, answer) pairs: the prompt as the user turn, the answer as the assistant turn."""
+    return [{"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer.strip()}]}
+            for prompt, answer in pairs]

@@ -4,28 +4,35 @@
    plain text) so that routing specialises; save it in the released layout and load it back through
    `AutoModelForCausalLM`;
 2. SFT it into a chat model (DeepSeek chat template, loss on the answers) on reversal and key-value conversations;
-3. ESFT on arithmetic: score the experts, select them, train only those, merge;
+3. ESFT on a new operator, the digit multiplication table (`3x4=12`, knowledge the experts can store): score the
+   experts, select them, train only those, merge;
 4. evaluate base / SFT / ESFT with the lm-eval wrapper on the shipped demo tasks, and analyse the routing;
 5. print the results table and the paths of the plots and model cards. Same seed, same numbers.
 """
 
 import json
 import logging
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from deepseekmoe.finetune.synthetic import make_corpus, pair_conversations, pretrain, product_table, task_conversations
+from deepseekmoe.model_cards.card import write_base_card
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deepseekmoe.finetune.synthetic import make_corpus, pretrain, task_conversations
-from deepseekmoe.model_cards.card import write_base_card
 from modeling_deepseekmoe.checkpoint import validate_checkpoint
 from modeling_deepseekmoe.tokenization import build_tokenizer
 
-
 SFT_DOMAINS = ("reversal", "key_value")
-ESFT_DOMAIN = "arithmetic"
+ESFT_DOMAIN = "multiplication"
+ESFT_PAIRS = product_table(1, 5)  # 25 pairs "3x4=" -> "12": a new operator, absent from pre-training and SFT
+ESFT_EXAMPLE = "3x4="
+# ESFT-Token at p = 0.5, where the paper's Token scores peak (§6.2): with top-2 of 16 experts, the default p = 0.2
+# keeps one expert per layer, too little to store a new table (benchmarks/esft_vs_lora.md).
+ESFT_TOKEN_P = 0.5
+ESFT_LEARNING_RATE = 3e-2  # only a few experts train, over a short run
 CHAT_DOMAINS = ("arithmetic", "reversal", "key_value")
 
 
@@ -34,7 +41,7 @@ class DemoSettings:
     pretrain_steps: int = 400
     corpus_per_domain: int = 600
     sft_steps: int = 60
-    esft_steps: int = 80
+    esft_steps: int = 200
     train_rows_per_domain: int = 400
     eval_limit: int | None = 40
     analysis_ablations: bool = True
@@ -55,7 +62,9 @@ class DemoResult:
     chat_losses: dict[str, dict[str, float]]  # model -> domain -> answer loss
     exact_match: dict[str, dict[str, float]]  # model -> task -> exact match
     prompt: str = ""
-    completion: str = ""
+    completion: str = ""  # the ESFT model's answer to `prompt`
+    completion_before: str = ""  # the SFT model's (before ESFT)
+    esft_task_exact_match: dict[str, float] = field(default_factory=dict)  # model -> share of ESFT_PAIRS right
     routing: list[dict] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
     model_cards: list[Path] = field(default_factory=list)
@@ -79,8 +88,8 @@ def _training_flags(output_dir: Path, steps: int, learning_rate: float, seed: in
 @torch.no_grad()
 def answer_losses(model, tokenizer, rows_by_domain: dict[str, list[dict]]) -> dict[str, float]:
     """Mean loss on the assistant answers (and EOS) of chat rows, per domain."""
-    from deepseekmoe.finetune.data import prepare_sft_dataset
     from datasets import Dataset
+    from deepseekmoe.finetune.data import prepare_sft_dataset
 
     model.eval()
     losses = {}
@@ -94,6 +103,23 @@ def answer_losses(model, tokenizer, rows_by_domain: dict[str, list[dict]]) -> di
             count += tokens
         losses[domain] = total / count
     return losses
+
+
+def _chat_prompt(tokenizer, prompt: str) -> torch.Tensor:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
+@torch.no_grad()
+def chat_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 4) -> list[str]:
+    """Greedy one-turn answers (stripped) of a chat model."""
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        input_ids = _chat_prompt(tokenizer, prompt)
+        generated = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(tokenizer.decode(generated[0, input_ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
 
 
 @contextmanager
@@ -143,6 +169,7 @@ def _run_demo(output_dir: Path, seed: int, settings: DemoSettings) -> DemoResult
 
     # 2. SFT into a chat model (full fine-tuning: the tiny model is the base of the ESFT step).
     held_out = {d: task_conversations(d, 48, seed=seed + 100) for d in CHAT_DOMAINS}
+    held_out[ESFT_DOMAIN] = pair_conversations(ESFT_PAIRS)  # the knowledge is the table itself
     sft_rows = [row for d in SFT_DOMAINS for row in task_conversations(d, settings.train_rows_per_domain, seed)]
     sft_data = _write_jsonl(data_dir / "sft.jsonl", sft_rows)
     sft_dir = output_dir / "sft"
@@ -151,18 +178,20 @@ def _run_demo(output_dir: Path, seed: int, settings: DemoSettings) -> DemoResult
     cards.append(sft_dir / "README.md")
     sft = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
 
-    # 3. ESFT on arithmetic: score, select, train only the selected experts, merge.
-    esft_rows = task_conversations(ESFT_DOMAIN, settings.train_rows_per_domain, seed + 1)
-    esft_data = _write_jsonl(data_dir / "esft_arithmetic.jsonl", esft_rows)
+    # 3. ESFT on the new operator: score, select, train only the selected experts, merge.
+    rng = random.Random(seed + 1)
+    esft_rows = pair_conversations([rng.choice(ESFT_PAIRS) for _ in range(settings.train_rows_per_domain)])
+    esft_data = _write_jsonl(data_dir / f"esft_{ESFT_DOMAIN}.jsonl", esft_rows)
     scores = score_experts(sft, scoring_sequences(str(esft_data), tokenizer, 256, 16), show_progress=False)
     scores.save(output_dir / "esft" / "scores.json")
-    expert_config = select_experts(scores, "token")
+    expert_config = select_experts(scores, "token", p=ESFT_TOKEN_P)
     (output_dir / "esft" / "expert_config.json").write_text(json.dumps(expert_config, indent=2) + "\n")
     plots = [plot_selection(scores, expert_config, output_dir / "esft" / "selection.png")]
     adapter_dir = output_dir / "esft" / "adapter"
     esft_argv = ["--model_name_or_path", str(sft_dir), "--dataset_name", str(esft_data),
                  "--expert_config", str(output_dir / "esft" / "expert_config.json")]
-    run_esft(*parse_esft_args(esft_argv + _training_flags(adapter_dir, settings.esft_steps, 5e-4, seed)))
+    esft_argv += _training_flags(adapter_dir, settings.esft_steps, ESFT_LEARNING_RATE, seed)
+    run_esft(*parse_esft_args(esft_argv))
     cards.append(adapter_dir / "README.md")
     merged_dir = merge_esft_adapter(sft_dir, adapter_dir, output_dir / "esft" / "merged", overwrite=True)
     esft = load_model(sft_dir, adapter=adapter_dir).eval()
@@ -183,17 +212,22 @@ def _run_demo(output_dir: Path, seed: int, settings: DemoSettings) -> DemoResult
                        ablations=settings.analysis_ablations, progress=False, seed=seed)
     plots += [output_dir / "analysis" / name for name in analysis["files"] if str(name).endswith(".png")]
 
-    # 5. Show one chat turn of the ESFT model and the experts its tokens used.
-    prompt = "47+25="
-    input_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"]
+    # 5. The ESFT task's table before and after ESFT; one chat turn of the ESFT model and the experts it used.
+    prompts = [prompt for prompt, _ in ESFT_PAIRS]
+    answers = {name: chat_answers(m, tokenizer, prompts) for name, m in (("sft", sft), ("esft", esft))}
+    table_exact_match = {name: sum(a == b.strip() for a, (_, b) in zip(got, ESFT_PAIRS)) / len(ESFT_PAIRS)
+                         for name, got in answers.items()}
+    prompt = ESFT_EXAMPLE
+    completion_before = chat_answers(sft, tokenizer, [prompt])[0]
+    input_ids = _chat_prompt(tokenizer, prompt)
     generated = esft.generate(input_ids, max_new_tokens=6, do_sample=False)
     completion = tokenizer.decode(generated[0, input_ids.shape[1]:], skip_special_tokens=True)
     routing = token_routing(esft, tokenizer, tokenizer.decode(generated[0], skip_special_tokens=False))
     per_token = [{"token": token, "experts": {layer: routing.experts[layer][i].tolist() for layer in routing.experts}}
                  for i, token in enumerate(routing.tokens)]
     return DemoResult(output_dir, base_dir, sft_dir, adapter_dir, merged_dir, expert_config, chat_losses,
-                      exact_match, prompt, completion, per_token, plots, cards)
+                      exact_match, prompt, completion, completion_before, table_exact_match, per_token, plots,
+                      cards)
 
 
 def format_demo(result: DemoResult) -> str:
@@ -227,6 +261,14 @@ def format_demo(result: DemoResult) -> str:
     ]
     for name, scores in result.exact_match.items():
         lines.append(f"| {name} | " + " | ".join(f"{value:.2f}" for value in scores.values()) + " |")
+    lines += [
+        "",
+        f"ESFT task, the {ESFT_DOMAIN} table ({len(ESFT_PAIRS)} pairs such as {ESFT_PAIRS[0][0]!r} -> "
+        f"{ESFT_PAIRS[0][1]!r}), greedy answers right: "
+        + ", ".join(f"{name} {100 * value:.0f}%" for name, value in result.esft_task_exact_match.items()),
+        f"User: {result.prompt!r} -> SFT model (before ESFT): {result.completion_before!r}, "
+        f"ESFT model: {result.completion.strip()!r}",
+    ]
     lines += ["", f"ESFT model, User: {result.prompt!r} -> Assistant: {result.completion!r}",
               "Routed experts of each token (layer: experts):"]
     for entry in result.routing[-12:]:

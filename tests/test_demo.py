@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
-
 from deepseekmoe.cli import main
-from deepseekmoe.demo import FAST_SETTINGS, ESFT_DOMAIN, run_demo
+from deepseekmoe.demo import ESFT_DOMAIN, ESFT_EXAMPLE, ESFT_PAIRS, FAST_SETTINGS, format_demo, run_demo
 from deepseekmoe.finetune.synthetic import make_corpus, pretrain
+
 from modeling_deepseekmoe.checkpoint import validate_checkpoint
 from modeling_deepseekmoe.tokenization import build_tokenizer
 
@@ -31,6 +31,18 @@ def test_demo_writes_every_stage(demo):
 
 def test_demo_esft_lowers_the_target_domain_loss(demo):
     assert demo.chat_losses["esft"][ESFT_DOMAIN] < demo.chat_losses["sft"][ESFT_DOMAIN]
+
+
+def test_demo_shows_the_esft_task_before_and_after(demo):
+    # The ESFT step's task is a table the experts must store (a new operator): its answers are scored before (SFT
+    # model) and after ESFT, and the example prompt is printed with both answers.
+    assert ESFT_EXAMPLE in {prompt for prompt, _ in ESFT_PAIRS}
+    assert set(demo.esft_task_exact_match) == {"sft", "esft"}
+    assert all(0 <= value <= 1 for value in demo.esft_task_exact_match.values())
+    assert demo.prompt == ESFT_EXAMPLE
+    text = format_demo(demo)
+    assert f"User: {ESFT_EXAMPLE!r} -> SFT model (before ESFT): {demo.completion_before!r}" in text
+    assert f"greedy answers right: sft {100 * demo.esft_task_exact_match['sft']:.0f}%" in text
 
 
 def test_demo_pretraining_is_reproducible():
