@@ -131,18 +131,14 @@ def decode_bytes_per_token(config, precision: str) -> int:
 
 
 def loading_options(precision: str, offload_folder: str | None, max_memory_gb: float | None) -> dict:
-    from modeling_deepseekmoe.loading import QuantizationArguments
+    from modeling_deepseekmoe.loading import PRECISION_FLAGS, QuantizationArguments
 
-    if precision in ("nf4", "nf4-dq"):
-        return {"quantization": QuantizationArguments(load_in_4bit=True, use_bnb_nested_quant=precision == "nf4-dq")}
-    if precision == "int8":
-        return {"quantization": QuantizationArguments(load_in_8bit=True)}
     if precision == "bf16-offload":
         options = {"device_map": "auto", "offload_folder": offload_folder}
         if max_memory_gb is not None:
             options["max_memory"] = {"cpu": f"{max_memory_gb}GB"}
         return options
-    return {}
+    return {"quantization": QuantizationArguments(**PRECISION_FLAGS[precision])}
 
 
 def measure_check(checkpoint_dir: str) -> dict:

@@ -31,7 +31,7 @@ import torch
 from modeling_deepseekmoe.footprint import PRECISION_LABELS, PRECISIONS, format_footprint, load_config, memory_footprint
 from modeling_deepseekmoe import DeepseekMoEConfig
 from modeling_deepseekmoe.checkpoint import write_random_released_checkpoint
-from modeling_deepseekmoe.loading import QuantizationArguments
+from modeling_deepseekmoe.loading import PRECISION_FLAGS, QuantizationArguments
 
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -40,12 +40,6 @@ TARGET_4BIT_GB = 11.0
 
 # Each measured precision as the project's loading flags: the 4-bit rows are `--load_in_4bit` as every command means
 # it (nf4, double quantization unless switched off), in a bf16 compute dtype.
-PRECISION_FLAGS = {
-    "bf16": {},
-    "int8": {"load_in_8bit": True},
-    "nf4": {"load_in_4bit": True, "use_bnb_nested_quant": False},
-    "nf4-dq": {"load_in_4bit": True},
-}
 
 
 def quantization_config(precision: str):

@@ -25,6 +25,13 @@ from transformers import AutoModelForCausalLM
 from .checkpoint import check_model_type
 
 
+# The storage formats of `footprint.PRECISIONS`, as the loading flags that give them.
+PRECISION_FLAGS = {
+    "bf16": {},
+    "int8": {"load_in_8bit": True},
+    "nf4": {"load_in_4bit": True, "use_bnb_nested_quant": False},
+    "nf4-dq": {"load_in_4bit": True},
+}
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANT_TYPES = ("nf4", "fp4")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -95,6 +102,16 @@ class QuantizationArguments:
     def quantization(self) -> str | None:
         """"4bit", "8bit" or None."""
         return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+    @property
+    def precision(self) -> str:
+        """The storage format's name in `PRECISION_FLAGS` / `footprint.PRECISIONS` ("bf16" when unquantized; an fp4
+        4-bit load is sized as nf4)."""
+        if self.load_in_8bit:
+            return "int8"
+        if self.load_in_4bit:
+            return "nf4-dq" if self.use_bnb_nested_quant else "nf4"
+        return "bf16"
 
     def quantization_options(self) -> dict:
         """The quantization flags only (what a run records and a loader takes back)."""
@@ -211,10 +228,8 @@ def _check_fits_in_memory(model_name_or_path, torch_dtype, options: Quantization
     from .footprint import check_fits_in_memory
 
     config = DeepseekMoEConfig.from_json_file(config_file)
-    if options.load_in_4bit:
-        precision, scale = ("nf4-dq" if options.use_bnb_nested_quant else "nf4"), 1.0
-    elif options.load_in_8bit:
-        precision, scale = "int8", 1.0
+    if options.quantization is not None:
+        precision, scale = options.precision, 1.0
     else:
         dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(
             str(getattr(config, "torch_dtype", None) or "float32").removeprefix("torch."))  # fmt: skip
