@@ -57,7 +57,7 @@ def _status_kb(fields: tuple[str, ...]) -> dict[str, int]:
 class PeakMemory:
     """Samples /proc/self/status every `interval` s: peak anonymous memory, resident file pages, and their sum."""
 
-    FIELDS = ("RssAnon", "RssFile", "VmHWM")
+    FIELDS = ("RssAnon", "RssFile")
 
     def __init__(self, interval: float = 0.05):
         self.interval, self.peak = interval, {"anon": 0, "file": 0, "total": 0}
@@ -103,28 +103,19 @@ def memory_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def decode_bytes_per_token(config, precision: str) -> int:
-    """Bytes of the weights one decode step reads (see the module docstring), in `precision`'s storage."""
-    from modeling_deepseekmoe.footprint import quantized_matrix_bytes
+    """Bytes of the weights one decode step reads (see the module docstring), in `precision`'s storage: the footprint
+    table's components, with the routed experts scaled to the top-k of each layer and, of the embeddings, lm_head
+    plus one row."""
+    from modeling_deepseekmoe.footprint import UNQUANTIZED_BYTES, memory_footprint
 
     storage = {"bf16-offload": "bf16"}.get(precision, precision)
-    hidden, width = config.hidden_size, config.moe_intermediate_size
-    q_out = config.num_attention_heads * config.head_dim
-    kv_out = config.num_key_value_heads * config.head_dim
-    matrices = []
-    for layer in range(config.num_hidden_layers):
-        matrices += [(q_out, hidden), (kv_out, hidden), (kv_out, hidden), (hidden, q_out)]
-        if not config.is_moe_layer(layer):
-            matrices += [(config.intermediate_size, hidden)] * 2 + [(hidden, config.intermediate_size)]
-            continue
-        shared = (config.n_shared_experts or 0) * width
-        if shared:
-            matrices += [(shared, hidden)] * 2 + [(hidden, shared)]
-        matrices += ([(width, hidden)] * 2 + [(hidden, width)]) * config.num_experts_per_tok
-    total = sum(quantized_matrix_bytes(out, inp, storage) for out, inp in matrices)
-    routers = sum(config.n_routed_experts * hidden for layer in range(config.num_hidden_layers)
-                  if config.is_moe_layer(layer))  # fmt: skip
-    # lm_head (bf16 in every precision), one embedding row, routers and norms
-    return total + 2 * (config.vocab_size * hidden + hidden + routers + (2 * config.num_hidden_layers + 1) * hidden)
+    table = memory_footprint(config)
+    components = {component.name: component.bytes(storage) for component in table.components}
+    routed = components.pop("routed experts") * config.num_experts_per_tok // config.n_routed_experts
+    embeddings = components.pop("embeddings + lm_head")
+    if not config.tie_word_embeddings:
+        embeddings //= 2  # the lm_head half; the embedding's one row is added below
+    return routed + embeddings + UNQUANTIZED_BYTES * config.hidden_size + sum(components.values())
 
 
 # --- the measurements, each in its own process -----------------------------------------------------------------------

@@ -399,9 +399,8 @@ def write_random_released_checkpoint(
         os.replace(directory / f"{stem}-shard{number:05d}.tmp", directory / final)
     index = {
         "metadata": {"total_size": total_bytes},
-        "weight_map": {name: final_names[i] for i, entries in enumerate(shards) for name, _ in sorted(entries)},
+        "weight_map": dict(sorted((name, final_names[i]) for i, entries in enumerate(shards) for name, _ in entries)),
     }
-    index["weight_map"] = dict(sorted(index["weight_map"].items()))
     (directory / (SAFE_INDEX if weight_format == "safetensors" else BIN_INDEX)).write_text(json.dumps(index, indent=2))
     (directory / "config.json").write_text(json.dumps(released_config_dict(config, dtype), indent=2))
     return directory
