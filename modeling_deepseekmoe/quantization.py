@@ -25,6 +25,7 @@ converted; attention, shared experts and dense MLPs are bnb `Linear4bit` / `Line
 import copy
 import ctypes
 import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,7 +40,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
 from transformers.utils import is_bitsandbytes_available
 
-from . import bnb_cpu_quantize
+from . import bnb_cpu_quantize, cpu_4bit_kernel
 from .configuration_deepseekmoe import DeepseekMoEConfig
 from .modeling_deepseekmoe import DeepseekMoEExperts, DeepseekMoEGate, DeepseekMoESparseMoeBlock
 
@@ -177,6 +178,12 @@ def is_quantized_weight(weight: torch.Tensor) -> bool:
 # Separately, bitsandbytes' AVX512 `dequantize_4bit` (any AVX512 CPU) reads one scale per (row, block) and so is wrong
 # when in_features is not a multiple of the block size (a block then spans rows): such weights are dequantized with
 # torch ops here (`Linear4bitExactCpuDequantize`, `dequantize_weight`). The released dims are all multiples of 64.
+#
+# On CPUs without that packed kernel (AVX2, AVX512 without BF16), bitsandbytes dequantizes the whole matrix for every
+# call, also for the one row of a decode step. There, calls of up to `CPU_KERNEL_MAX_ROWS` rows run the project's own
+# kernel (`cpu_4bit_kernel`), which reads the 4-bit codes in the plain layout: 2.5-9x faster than dequantize + matmul
+# at 1 row, about 2x at 4, slower from 16 (benchmarks/results/cpu_4bit_kernel.md); longer calls keep dequantize +
+# matmul. Where the packed kernel exists it stays: equal at 1 row, faster at more, and one layout per weight.
 
 _PACKED_LAYOUT_ROW_TILE = 32  # `_convert_weight_packed_for_cpu`'s block_n
 _PACKED_KERNEL_FUNCTIONS = (
@@ -186,11 +193,39 @@ _PACKED_KERNEL_FUNCTIONS = (
 )
 PACKED_KERNEL_PATH = "bitsandbytes packed AVX512-BF16 kernel"
 DEQUANTIZE_KERNEL_PATH = "dequantize + matmul"
+OWN_KERNEL_PATH = "deepseekmoe 4-bit kernel"
+CPU_KERNEL_MAX_ROWS = 4
+
+
+def own_4bit_cpu_kernel_available() -> bool:
+    """Whether `cpu_4bit_kernel` serves here: built for a vector ISA (AVX2 or AVX512; the portable build measured no
+    faster than dequantize + matmul), on a CPU where bitsandbytes' packed kernel is not available."""
+    return (
+        not packed_4bit_cpu_kernel_available()
+        and cpu_4bit_kernel.native_isa() != "portable"
+        and cpu_4bit_kernel.available()
+    )
+
+
+def _takes_own_kernel(weight: torch.Tensor) -> bool:
+    if not (isinstance(weight, bnb.nn.Params4bit) and weight.bnb_quantized and weight.quant_state is not None):
+        return False
+    return cpu_4bit_kernel.fits(_plain_quant_state(weight))
+
+
+def _own_kernel_call(x: torch.Tensor) -> bool:
+    """Whether a call with input `x` is one the own kernel takes: an inference call on the CPU of a few rows."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    return x.device.type == "cpu" and not needs_grad and 0 < rows <= CPU_KERNEL_MAX_ROWS
 
 
 def packed_4bit_cpu_kernel_available() -> bool:
-    """Whether bitsandbytes' packed 4-bit CPU kernel runs here: a bitsandbytes that has it, on a CPU with AVX512-BF16."""
+    """Whether bitsandbytes' packed 4-bit CPU kernel runs here: a bitsandbytes that has it, on a CPU with AVX512-BF16
+    (`DEEPSEEKMOE_BNB_PACKED_KERNEL=0` turns it off, as on a CPU without it)."""
     if not is_bitsandbytes_available():
+        return False
+    if os.environ.get("DEEPSEEKMOE_BNB_PACKED_KERNEL", "1").lower() in ("0", "false", "off"):
         return False
     functional = bnb.functional
     return all(hasattr(functional, name) for name in _PACKED_KERNEL_FUNCTIONS) and bool(functional.has_avx512bf16())
@@ -264,8 +299,9 @@ def _unpack_before_saving(module: nn.Module, prefix: str, keep_vars: bool) -> No
     _unpack_for_cpu(module.weight, module)
 
 
-def _configure_linear4bit(module: nn.Module, packed: bool) -> None:
+def _configure_linear4bit(module: nn.Module, packed: bool, own: bool = False) -> None:
     module.support_avx512bf16_for_cpu = packed
+    module.own_kernel = own
     if _keep_4bit_layout_for_call not in module._forward_pre_hooks.values():
         module.register_forward_pre_hook(_keep_4bit_layout_for_call, with_kwargs=True)
     if _unpack_before_saving not in module._state_dict_pre_hooks.values():
@@ -274,7 +310,7 @@ def _configure_linear4bit(module: nn.Module, packed: bool) -> None:
         _unpack_for_cpu(module.weight, module)
     state = module.weight.quant_state
     exact = type(module) is bnb.nn.Linear4bit and state is not None and not _bnb_dequantizes_exactly(state)
-    if exact and module.weight.device.type == "cpu":
+    if (exact or own) and module.weight.device.type == "cpu" and type(module) is bnb.nn.Linear4bit:
         module.__class__ = Linear4bitExactCpuDequantize
 
 
@@ -320,10 +356,16 @@ def cpu_4bit_kernel_path(module_or_shape) -> str:
         packed = getattr(module_or_shape, "support_avx512bf16_for_cpu", None)
         if packed is None:
             packed = getattr(module_or_shape, "packed_kernel", False)
+        own = getattr(module_or_shape, "own_kernel", False)
     else:
         out_features, in_features = module_or_shape
         packed = packed_4bit_cpu_kernel_available() and packed_4bit_layout_fits(out_features, in_features)
-    return PACKED_KERNEL_PATH if packed else DEQUANTIZE_KERNEL_PATH
+        own = not packed and in_features % 64 == 0 and own_4bit_cpu_kernel_available()
+    if packed:
+        return PACKED_KERNEL_PATH
+    if own:
+        return f"{OWN_KERNEL_PATH} up to {CPU_KERNEL_MAX_ROWS} rows, else {DEQUANTIZE_KERNEL_PATH}"
+    return DEQUANTIZE_KERNEL_PATH
 
 
 def describe_cpu_4bit_kernels() -> str:
@@ -335,12 +377,21 @@ def describe_cpu_4bit_kernels() -> str:
             f"{PACKED_KERNEL_PATH} for inference on weights with out % {_PACKED_LAYOUT_ROW_TILE} == 0 and in a multiple "
             f"of the block size (64), else {DEQUANTIZE_KERNEL_PATH}"
         )
-    elif all(hasattr(bnb.functional, name) for name in _PACKED_KERNEL_FUNCTIONS):
-        line = (
-            f"{DEQUANTIZE_KERNEL_PATH} (bitsandbytes' packed 4-bit CPU kernel needs AVX512-BF16, which this CPU lacks)"
-        )
     else:
-        line = f"{DEQUANTIZE_KERNEL_PATH} (this bitsandbytes {bnb.__version__} has no packed 4-bit CPU kernel)"
+        if all(hasattr(bnb.functional, name) for name in _PACKED_KERNEL_FUNCTIONS):
+            why = "bitsandbytes' packed 4-bit CPU kernel needs AVX512-BF16, which this CPU lacks"
+            if os.environ.get("DEEPSEEKMOE_BNB_PACKED_KERNEL", "1").lower() in ("0", "false", "off"):
+                why = "bitsandbytes' packed 4-bit CPU kernel turned off by DEEPSEEKMOE_BNB_PACKED_KERNEL"
+        else:
+            why = f"this bitsandbytes {bnb.__version__} has no packed 4-bit CPU kernel"
+        if own_4bit_cpu_kernel_available():
+            line = (
+                f"{OWN_KERNEL_PATH} ({cpu_4bit_kernel.native_isa()}) for inference calls of up to "
+                f"{CPU_KERNEL_MAX_ROWS} rows, else {DEQUANTIZE_KERNEL_PATH} ({why})"
+            )
+        else:
+            reason = cpu_4bit_kernel.unavailable_reason() or "the portable build is no faster"
+            line = f"{DEQUANTIZE_KERNEL_PATH} ({why}; {OWN_KERNEL_PATH} unavailable: {reason})"
     if not _bnb_cpu_dequantize_handles_blocks_across_rows():
         line += "; torch-op dequantization where in is not a multiple of the block size"
     return line
@@ -349,9 +400,10 @@ def describe_cpu_4bit_kernels() -> str:
 if is_bitsandbytes_available():
 
     class Linear4bitExactCpuDequantize(bnb.nn.Linear4bit):
-        """A `Linear4bit` whose CPU forward dequantizes its weight with torch ops (then `F.linear` in the compute
-        dtype): for shapes bitsandbytes' AVX512 `dequantize_4bit` gets wrong (in_features not a multiple of the
-        block size). Elsewhere it is bitsandbytes' own forward."""
+        """A `Linear4bit` whose CPU forward runs the project's 4-bit kernel for short inference calls where
+        `configure_4bit_cpu_kernels` chose it (`own_kernel`), and otherwise dequantizes its weight with torch ops
+        (then `F.linear` in the compute dtype): bitsandbytes' AVX512 `dequantize_4bit` gets shapes with in_features
+        not a multiple of the block size wrong. On other devices it is bitsandbytes' own forward."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.device.type != "cpu":
@@ -360,6 +412,11 @@ if is_bitsandbytes_available():
                 self.set_compute_type(x)
                 self.compute_type_is_set = True
             dtype = self.compute_dtype or x.dtype
+            if getattr(self, "own_kernel", False) and _own_kernel_call(x):
+                output = cpu_4bit_kernel.matmul(x.to(dtype), self.weight.data, self.weight.quant_state)
+                return (output if self.bias is None else output + self.bias.to(dtype)).to(x.dtype)
+            if _bnb_dequantizes_exactly(self.weight.quant_state):
+                return super().forward(x)
             bias = None if self.bias is None else self.bias.to(dtype)
             return F.linear(x.to(dtype), dequantize_weight(self.weight, dtype), bias).to(x.dtype)
 
@@ -404,14 +461,19 @@ class DeepseekMoEExpertWeight(nn.Module):
         state = getattr(linear, "state", None)
         if isinstance(self.weight, bnb.nn.Int8Params) and self.weight.SCB is None and state is not None:
             self.weight.SCB = state.SCB  # Linear8bitLt moves the scales to its state on its first forward
-        self.packed_kernel = False  # bitsandbytes' packed CPU kernel for inference (`configure_4bit_cpu_kernels`)
+        # The CPU kernel of inference calls (`configure_4bit_cpu_kernels`): bitsandbytes' packed one, or the
+        # project's own for calls of up to CPU_KERNEL_MAX_ROWS rows.
+        self.packed_kernel, self.own_kernel = False, False
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_weight(self.weight, dtype)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ weight.T` for an inference call on CPU: through bitsandbytes' packed kernel where this projection
-        takes it (packing the weight on first use), else with the weight dequantized in `x`'s dtype."""
+        takes it (packing the weight on first use), or the own kernel for a few rows, else with the weight
+        dequantized in `x`'s dtype."""
+        if self.own_kernel and _own_kernel_call(x):
+            return cpu_4bit_kernel.matmul(x, self.weight.data, self.weight.quant_state)
         if not self.packed_kernel:
             return F.linear(x, self.dequantize(x.dtype))
         if not is_packed_for_cpu(self.weight):
@@ -470,9 +532,9 @@ class DeepseekMoEQuantizedExperts(nn.Module):
         self.intermediate_dim = config.moe_intermediate_size
         self.act_fn = ACT2FN[config.hidden_act]
         self.compute_dtype: torch.dtype | None = None
-        # Whether some projection takes bitsandbytes' packed CPU kernel (`configure_4bit_cpu_kernels`), and whether
-        # some weight is packed now.
-        self.packed_kernels, self._packed = False, False
+        # Whether some projection takes bitsandbytes' packed CPU kernel / the own one (`configure_4bit_cpu_kernels`),
+        # and whether some weight is packed now.
+        self.packed_kernels, self.own_kernels, self._packed = False, False, False
         # What transformers' experts implementations read from an experts module (`@use_experts_implementation`).
         self.has_gate, self.has_bias, self.is_transposed, self.is_concatenated = True, False, False, True
         self.has_post_expert_norm, self._is_expert_parallel = False, False
@@ -545,7 +607,8 @@ class DeepseekMoEQuantizedExperts(nn.Module):
     ) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
         inference = not needs_grad and not self.training and hidden_states.device.type == "cpu"
-        if self.packed_kernels and inference and self.config._experts_implementation in HIT_ONLY_IMPLEMENTATIONS:
+        kernels = self.packed_kernels or (self.own_kernels and hidden_states.shape[0] <= CPU_KERNEL_MAX_ROWS)
+        if kernels and inference and self.config._experts_implementation in HIT_ONLY_IMPLEMENTATIONS:
             return self._packed_forward(hidden_states, top_k_index, top_k_weights)
         self._unpack()
         if needs_grad:
@@ -554,8 +617,9 @@ class DeepseekMoEQuantizedExperts(nn.Module):
         return self._dense_forward(hidden_states, top_k_index, top_k_weights)
 
     def _packed_forward(self, hidden_states, top_k_index, top_k_weights):
-        """Inference on CPU with bitsandbytes' packed kernel (`DeepseekMoEExpertWeight.linear`): the per-expert loop
-        of the eager implementation over the experts hit, without dequantizing the projections the kernel takes."""
+        """Inference on CPU with bitsandbytes' packed kernel or the own one (`DeepseekMoEExpertWeight.linear`): the
+        per-expert loop of the eager implementation over the experts hit, without dequantizing the projections a
+        kernel takes."""
         newly_packed, self._packed = not self._packed, True
         dtype = self.compute_dtype or hidden_states.dtype
         output = torch.zeros_like(hidden_states)
@@ -743,21 +807,26 @@ def finalize_quantized_experts(model: nn.Module) -> None:
 def configure_4bit_cpu_kernels(model: nn.Module, packed: bool = True) -> None:
     """Choose the CPU kernel of each 4-bit weight of a loaded model (`Linear4bit` and routed experts) for inference
     calls: bitsandbytes' packed AVX512-BF16 kernel, the fastest, where the CPU has it and the shape fits
-    (`packed_4bit_layout_fits`), else dequantize + matmul. `packed=False` turns the packed kernel off everywhere
-    (it computes in bf16: results then equal those of the dequantized model, on every CPU kind)."""
+    (`packed_4bit_layout_fits`); elsewhere the project's own kernel for calls of a few rows (`cpu_4bit_kernel`)
+    where it builds; else dequantize + matmul. `packed=False` turns both kernels off everywhere (results then
+    equal those of the dequantized model bit for bit, on every CPU kind)."""
     if not is_bitsandbytes_available():
         return
     available = packed and packed_4bit_cpu_kernel_available()
+    own_available = packed and not available and own_4bit_cpu_kernel_available()
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            _configure_linear4bit(module, available and _takes_packed_layout(module.weight))
+            own = own_available and _takes_own_kernel(module.weight)
+            _configure_linear4bit(module, available and _takes_packed_layout(module.weight), own)
         elif isinstance(module, DeepseekMoEQuantizedExperts):
             projections = [projection for _, _, projection in module.projections()]
             for projection in projections:
                 if isinstance(projection, DeepseekMoEExpertWeight):
                     projection.packed_kernel = available and _takes_packed_layout(projection.weight)
+                    projection.own_kernel = own_available and _takes_own_kernel(projection.weight)
                     projection.unpack()
             module.packed_kernels = any(getattr(projection, "packed_kernel", False) for projection in projections)
+            module.own_kernels = any(getattr(projection, "own_kernel", False) for projection in projections)
             module._packed = False
 
 

@@ -474,9 +474,16 @@ def test_packed_kernel_switch_per_linear4bit(monkeypatch, shape, kernel_availabl
     configure_4bit_cpu_kernels(linear)
     takes_it = kernel_available and shape == QUALIFYING
     assert linear.support_avx512bf16_for_cpu == takes_it
-    assert cpu_4bit_kernel_path(linear) == (PACKED_KERNEL_PATH if takes_it else DEQUANTIZE_KERNEL_PATH)
+    # Without the packed kernel, the own one takes inference calls of a few rows where it builds (in % 64 == 0).
+    own = not kernel_available and shape[1] % 64 == 0 and quantization.own_4bit_cpu_kernel_available()
+    assert linear.own_kernel == own
+    expected = PACKED_KERNEL_PATH if takes_it else DEQUANTIZE_KERNEL_PATH
+    assert cpu_4bit_kernel_path(linear) == expected if not own else cpu_4bit_kernel_path(linear).startswith(
+        quantization.OWN_KERNEL_PATH
+    )
     configure_4bit_cpu_kernels(linear, packed=False)
-    assert not linear.support_avx512bf16_for_cpu
+    assert not linear.support_avx512bf16_for_cpu and not linear.own_kernel
+    assert cpu_4bit_kernel_path(linear) == DEQUANTIZE_KERNEL_PATH
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -604,10 +611,12 @@ def test_routed_experts_inference_loop_then_training(mixed):
 
 
 def test_kernel_path_descriptions(monkeypatch):
-    assert cpu_4bit_kernel_path((2048, 1408)) == (PACKED_KERNEL_PATH if PACKED_HERE else DEQUANTIZE_KERNEL_PATH)
-    assert cpu_4bit_kernel_path(REFUSED) == DEQUANTIZE_KERNEL_PATH
+    own = not PACKED_HERE and quantization.own_4bit_cpu_kernel_available()
+    fallback = quantization.OWN_KERNEL_PATH if own else DEQUANTIZE_KERNEL_PATH
+    assert cpu_4bit_kernel_path((2048, 1408)).startswith(PACKED_KERNEL_PATH if PACKED_HERE else fallback)
+    assert cpu_4bit_kernel_path(REFUSED) == DEQUANTIZE_KERNEL_PATH  # in 32: blocks span rows
     line = describe_cpu_4bit_kernels()
-    assert line.startswith(PACKED_KERNEL_PATH if PACKED_HERE else DEQUANTIZE_KERNEL_PATH) and "\n" not in line
+    assert line.startswith(PACKED_KERNEL_PATH if PACKED_HERE else fallback) and "\n" not in line
     monkeypatch.setattr(quantization, "is_bitsandbytes_available", lambda: False)
     assert "bitsandbytes is not installed" in describe_cpu_4bit_kernels()
 

@@ -136,10 +136,20 @@ def _selected_experts(model) -> tuple[set, list]:
     return selected, handles
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_a_decode_step_reads_only_the_selected_experts(checkpoint, monkeypatch, packed):
+@pytest.mark.parametrize("kernels", ["default", "own", "off"])
+def test_a_decode_step_reads_only_the_selected_experts(checkpoint, monkeypatch, kernels):
+    """`default`: bitsandbytes' packed kernel where the CPU has it, else the own kernel (or dequantizing); `own`: the
+    own kernel, as on a CPU without the packed one; `off`: dequantize + matmul."""
+    if kernels == "own":
+        if not quantization.cpu_4bit_kernel.available() or quantization.cpu_4bit_kernel.native_isa() == "portable":
+            pytest.skip("the own 4-bit kernel serves AVX2 / AVX512 CPUs with a C compiler")
+        monkeypatch.setattr(quantization, "packed_4bit_cpu_kernel_available", lambda: False)
+    packed = kernels != "off"
     model = load_pretrained_model(checkpoint, dtype=torch.float32, load_in_4bit=True).eval()
     quantization.configure_4bit_cpu_kernels(model, packed=packed)
+    calls = []
+    matmul = quantization.cpu_4bit_kernel.matmul
+    monkeypatch.setattr(quantization.cpu_4bit_kernel, "matmul", lambda *a, **k: calls.append(1) or matmul(*a, **k))
     reference = quantization.dequantize_model(copy.deepcopy(model)).eval()
     prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -153,6 +163,7 @@ def test_a_decode_step_reads_only_the_selected_experts(checkpoint, monkeypatch, 
         expected = reference(torch.cat([prompt, next_token], 1)).logits[:, -1:]
     assert len(selected) == 2 * 3  # 2 MoE layers, top-3 of 8 for the one token
     assert touched.seen == selected
+    assert bool(calls) == (kernels == "own" or (packed and quantization.own_4bit_cpu_kernel_available()))
     error = (step - expected).norm() / expected.norm()
     assert error < (2e-2 if packed and quantization.packed_4bit_cpu_kernel_available() else 1e-5)
 
