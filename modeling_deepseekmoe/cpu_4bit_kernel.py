@@ -100,27 +100,30 @@ def load(isa: str | None = None) -> ctypes.CDLL:
     return library
 
 
-@functools.cache
-def available() -> bool:
-    """Whether this CPU's variant is built (building it now if needed); the reason is logged once where not."""
-    if os.environ.get("DEEPSEEKMOE_CPU_4BIT_KERNEL", "1").lower() in ("0", "false", "off"):
-        return False
-    try:
-        load()
-    except (KernelUnavailable, OSError) as error:
-        logger.warning("deepseekmoe's CPU 4-bit kernel is unavailable (%s); 4-bit layers use bitsandbytes' paths", error)
-        return False
-    return True
+def switched_off(variable: str) -> bool:
+    """Whether an on/off environment switch (`DEEPSEEKMOE_CPU_4BIT_KERNEL`, `DEEPSEEKMOE_BNB_PACKED_KERNEL`) is off."""
+    return os.environ.get(variable, "1").lower() in ("0", "false", "off")
 
 
 def unavailable_reason() -> str | None:
-    if os.environ.get("DEEPSEEKMOE_CPU_4BIT_KERNEL", "1").lower() in ("0", "false", "off"):
+    """Why this CPU's variant cannot serve (building it now if needed), or None where it can."""
+    if switched_off("DEEPSEEKMOE_CPU_4BIT_KERNEL"):
         return "turned off by DEEPSEEKMOE_CPU_4BIT_KERNEL"
     try:
         load()
     except (KernelUnavailable, OSError) as error:
         return str(error)
     return None
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this CPU's variant is built; where it cannot be (not switched off), the reason is logged once."""
+    reason = unavailable_reason()
+    if reason is not None and not switched_off("DEEPSEEKMOE_CPU_4BIT_KERNEL"):
+        logger.warning("deepseekmoe's CPU 4-bit kernel is unavailable (%s); 4-bit layers use bitsandbytes' paths",
+                       reason)  # fmt: skip
+    return reason is None
 
 
 def fits(state) -> bool:

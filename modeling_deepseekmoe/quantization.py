@@ -25,7 +25,6 @@ converted; attention, shared experts and dense MLPs are bnb `Linear4bit` / `Line
 import copy
 import ctypes
 import functools
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -208,9 +207,8 @@ def own_4bit_cpu_kernel_available() -> bool:
 
 
 def _takes_own_kernel(weight: torch.Tensor) -> bool:
-    if not (isinstance(weight, bnb.nn.Params4bit) and weight.bnb_quantized and weight.quant_state is not None):
-        return False
-    return cpu_4bit_kernel.fits(_plain_quant_state(weight))
+    state = _quantized_4bit_state(weight)
+    return state is not None and cpu_4bit_kernel.fits(state)
 
 
 def _own_kernel_call(x: torch.Tensor) -> bool:
@@ -225,7 +223,7 @@ def packed_4bit_cpu_kernel_available() -> bool:
     (`DEEPSEEKMOE_BNB_PACKED_KERNEL=0` turns it off, as on a CPU without it)."""
     if not is_bitsandbytes_available():
         return False
-    if os.environ.get("DEEPSEEKMOE_BNB_PACKED_KERNEL", "1").lower() in ("0", "false", "off"):
+    if cpu_4bit_kernel.switched_off("DEEPSEEKMOE_BNB_PACKED_KERNEL"):
         return False
     functional = bnb.functional
     return all(hasattr(functional, name) for name in _PACKED_KERNEL_FUNCTIONS) and bool(functional.has_avx512bf16())
@@ -236,11 +234,16 @@ def packed_4bit_layout_fits(out_features: int, in_features: int, blocksize: int 
     return out_features % _PACKED_LAYOUT_ROW_TILE == 0 and in_features > 0 and in_features % blocksize == 0
 
 
-def _takes_packed_layout(weight: torch.Tensor) -> bool:
+def _quantized_4bit_state(weight: torch.Tensor):
+    """The plain-layout quant state of a quantized 4-bit weight; None for any other tensor."""
     if not (isinstance(weight, bnb.nn.Params4bit) and weight.bnb_quantized and weight.quant_state is not None):
-        return False
-    state = _plain_quant_state(weight)
-    return len(state.shape) == 2 and packed_4bit_layout_fits(*state.shape, state.blocksize)
+        return None
+    return _plain_quant_state(weight)
+
+
+def _takes_packed_layout(weight: torch.Tensor) -> bool:
+    state = _quantized_4bit_state(weight)
+    return state is not None and len(state.shape) == 2 and packed_4bit_layout_fits(*state.shape, state.blocksize)
 
 
 def is_packed_for_cpu(weight: torch.Tensor) -> bool:
@@ -309,8 +312,8 @@ def _configure_linear4bit(module: nn.Module, packed: bool, own: bool = False) ->
     if not packed:
         _unpack_for_cpu(module.weight, module)
     state = module.weight.quant_state
-    exact = type(module) is bnb.nn.Linear4bit and state is not None and not _bnb_dequantizes_exactly(state)
-    if (exact or own) and module.weight.device.type == "cpu" and type(module) is bnb.nn.Linear4bit:
+    inexact = state is not None and not _bnb_dequantizes_exactly(state)
+    if type(module) is bnb.nn.Linear4bit and module.weight.device.type == "cpu" and (inexact or own):
         module.__class__ = Linear4bitExactCpuDequantize
 
 
@@ -380,7 +383,7 @@ def describe_cpu_4bit_kernels() -> str:
     else:
         if all(hasattr(bnb.functional, name) for name in _PACKED_KERNEL_FUNCTIONS):
             why = "bitsandbytes' packed 4-bit CPU kernel needs AVX512-BF16, which this CPU lacks"
-            if os.environ.get("DEEPSEEKMOE_BNB_PACKED_KERNEL", "1").lower() in ("0", "false", "off"):
+            if cpu_4bit_kernel.switched_off("DEEPSEEKMOE_BNB_PACKED_KERNEL"):
                 why = "bitsandbytes' packed 4-bit CPU kernel turned off by DEEPSEEKMOE_BNB_PACKED_KERNEL"
         else:
             why = f"this bitsandbytes {bnb.__version__} has no packed 4-bit CPU kernel"

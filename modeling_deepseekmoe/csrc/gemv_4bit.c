@@ -57,6 +57,12 @@ static inline float round_scalar(float value, int mode) {
     return value;
 }
 
+/* How many row ranges to split N output rows into: 16 rows or more per thread, fewer would not pay for waking one. */
+static int64_t thread_parts(int64_t N, int threads) {
+    int64_t parts = N / 16 < threads ? N / 16 : threads;
+    return parts < 1 ? 1 : parts;
+}
+
 /* x [M, K] split into its even and odd columns, [M, K/2] each: the order the high and low nibbles come in. */
 static void split_columns(const float *x, int64_t M, int64_t K, float *even, float *odd) {
     int64_t half = K / 2;
@@ -295,8 +301,7 @@ int gemv_4bit_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t N, const uin
             odd[m * half + j] = x[m * K + 2 * j + 1];
         }
     }
-    int64_t parts = N / 16 < threads ? N / 16 : threads;
-    if (parts < 1) parts = 1;
+    const int64_t parts = thread_parts(N, threads);
 #pragma omp parallel for num_threads(parts) schedule(static)
     for (int64_t part = 0; part < parts; part++) {
         const int64_t n0 = N * part / parts, n1 = N * (part + 1) / parts;
@@ -320,9 +325,7 @@ int gemv_4bit(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *w,
     if (even == NULL) return 1;
     float *odd = even + M * (K / 2);
     split_columns(x, M, K, even, odd);
-    /* Row ranges of 16 rows or more per thread: fewer rows would not pay for waking a thread. */
-    int64_t parts = N / 16 < threads ? N / 16 : threads;
-    if (parts < 1) parts = 1;
+    const int64_t parts = thread_parts(N, threads);
 #pragma omp parallel for num_threads(parts) schedule(static)
     for (int64_t part = 0; part < parts; part++) {
         const int64_t n0 = N * part / parts, n1 = N * (part + 1) / parts;
