@@ -35,9 +35,8 @@ ISA_FLAGS = {
     "avx2": ["-DGEMV4_AVX2", "-mavx2", "-mfma", "-mf16c"],
     "portable": [],
 }
-_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 0}
-_f32, _i64, _u8 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.POINTER(ctypes.c_uint8)
-_u16 = ctypes.POINTER(ctypes.c_uint16)
+# The C side's DTYPE_* / ROUND_* codes (the same numbers).
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def native_isa() -> str:
@@ -88,13 +87,15 @@ def load(isa: str | None = None) -> ctypes.CDLL:
             os.replace(built, target)  # atomic: a concurrent build or an interrupted one never leaves half a file
     library = ctypes.CDLL(str(target))
     library.gemv_4bit.restype = ctypes.c_int
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     library.gemv_4bit.argtypes = [
-        _f32, _i64, _i64, _i64, _u8, _i64, _f32, ctypes.c_int, _f32, _u8, _f32, _f32, _i64, ctypes.c_float, _f32,
-        ctypes.c_int,
+        pointer, ctypes.c_int, i64, i64, i64, pointer, i64, pointer, ctypes.c_int, pointer, pointer, pointer, pointer,
+        i64, ctypes.c_float, pointer, ctypes.c_int,
     ]
-    library.gemv_4bit_bf16.restype = ctypes.c_int
-    library.gemv_4bit_bf16.argtypes = [
-        _u16, _i64, _i64, _i64, _u8, _i64, _f32, _f32, _u8, _f32, _f32, _i64, ctypes.c_float, _f32, ctypes.c_int,
+    library.dequantize_4bit.restype = ctypes.c_int
+    library.dequantize_4bit.argtypes = [
+        pointer, i64, i64, pointer, ctypes.c_int, pointer, pointer, pointer, pointer, i64, ctypes.c_float, pointer,
+        ctypes.c_int, ctypes.c_int,
     ]
     library.gemv_4bit_isa.restype = ctypes.c_char_p
     return library
@@ -131,49 +132,77 @@ def fits(state) -> bool:
     if state is None or len(state.shape) != 2 or state.code.numel() != 16:
         return False
     in_features, blocksize = state.shape[1], state.blocksize
-    return blocksize % 32 == 0 and in_features % blocksize == 0 and state.dtype in _ROUNDING
+    return blocksize % 32 == 0 and in_features % blocksize == 0 and state.dtype in _DTYPES
 
 
-def _pointer(tensor: torch.Tensor, kind):
-    return ctypes.cast(tensor.data_ptr(), kind)
+def _scale_arguments(state) -> tuple:
+    """The C arguments of a quant state's scales and code table, kept on the state: a decode step calls the kernel
+    ~700 times, and converting them each time cost more than some of the calls. Rebuilt if a tensor moved."""
+    cached = getattr(state, "_deepseekmoe_kernel_arguments", None)
+    current = (state.absmax.data_ptr(), state.code.data_ptr(), state.state2.absmax.data_ptr() if state.nested else 0)
+    if cached is not None and cached[0] == current:
+        return cached[2]
+    code = state.code.to(torch.float32).contiguous()
+    if state.nested:
+        code2 = state.state2.code.to(torch.float32).contiguous()
+        absmax2 = state.state2.absmax.to(torch.float32).contiguous()
+        keep = (state.absmax, state.code, state.state2.absmax, state.state2.code, code, code2, absmax2)
+        scales = (None, state.absmax.data_ptr(), code2.data_ptr(), absmax2.data_ptr(), state.state2.blocksize,
+                  float(state.offset))  # fmt: skip
+    else:
+        absmax = state.absmax.to(torch.float32).contiguous()
+        keep = (state.absmax, state.code, code, absmax)
+        scales = (absmax.data_ptr(), None, None, None, 1, 0.0)
+    arguments = (state.blocksize, code.data_ptr(), scales)
+    # `keep` holds the tensors the pointers address, and the state's own ones: their addresses cannot be reused.
+    state._deepseekmoe_kernel_arguments = (current, keep, arguments)
+    return arguments
 
 
 def matmul(x: torch.Tensor, data: torch.Tensor, state, isa: str | None = None) -> torch.Tensor:
     """`x @ W.T` for the 4-bit weight `(data, state)` in bitsandbytes' plain layout (`fits(state)`), in x's dtype;
     x is [..., in_features] on the CPU. The products are those of the weight dequantized as `dequantize_weight(W,
     x.dtype)` holds it (rounded to `state.dtype`, and to bf16 for a bf16 x), summed in fp32."""
-    isa = isa or native_isa()
-    library = load(isa)
+    library = load(isa or native_isa())
     out_features, in_features = state.shape
-    if state.nested:
-        code2 = state.state2.code.to(torch.float32).contiguous()
-        absmax2 = state.state2.absmax.to(torch.float32).contiguous()
-        keep = (state.absmax, code2, absmax2)
-        scales = (None, _pointer(state.absmax, _u8), _pointer(code2, _f32), _pointer(absmax2, _f32))
-        scales += (state.state2.blocksize, float(state.offset))
-    else:
-        absmax = state.absmax.to(torch.float32).contiguous()
-        keep = (absmax,)
-        scales = (_pointer(absmax, _f32), None, None, None, 1, 0.0)
-    code = state.code.to(torch.float32).contiguous()
-    bf16 = x.dtype == torch.bfloat16 and state.dtype != torch.float16 and state.blocksize % 64 == 0
-    rows = x.reshape(-1, in_features)
-    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    status = 2
-    if bf16 and isa == "avx512_bf16":
-        rows = rows.contiguous()
-        status = library.gemv_4bit_bf16(
-            _pointer(rows, _u16), rows.shape[0], in_features, out_features, _pointer(data, _u8), state.blocksize,
-            _pointer(code, _f32), *scales, _pointer(y, _f32), torch.get_num_threads(),
-        )
-    if status == 2:
-        rounding = _ROUNDING[torch.bfloat16] if x.dtype == torch.bfloat16 else _ROUNDING[state.dtype]
-        rows = rows.to(torch.float32).contiguous()
-        status = library.gemv_4bit(
-            _pointer(rows, _f32), rows.shape[0], in_features, out_features, _pointer(data, _u8), state.blocksize,
-            _pointer(code, _f32), rounding, *scales, _pointer(y, _f32), torch.get_num_threads(),
-        )
-    del keep
+    blocksize, code, scales = _scale_arguments(state)
+    dtype = x.dtype if x.dtype in _DTYPES else torch.float32
+    rounding = _DTYPES[torch.bfloat16] if dtype == torch.bfloat16 else _DTYPES[state.dtype]
+    rows = x if x.dim() == 2 else x.reshape(-1, in_features)
+    rows = rows.to(dtype).contiguous()
+    y = torch.empty(rows.shape[0], out_features, dtype=dtype)
+    status = library.gemv_4bit(
+        rows.data_ptr(), _DTYPES[dtype], rows.shape[0], in_features, out_features, data.data_ptr(), blocksize, code,
+        rounding, *scales, y.data_ptr(), torch.get_num_threads(),
+    )
     if status != 0:
         raise MemoryError("the CPU 4-bit kernel could not allocate its scratch memory")
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def dequantizes(state) -> bool:
+    """Whether `dequantize` takes a weight with this quant state (any shape: its blocks may span rows)."""
+    return state is not None and state.code.numel() == 16 and state.blocksize % 2 == 0 and state.dtype in _DTYPES
+
+
+def dequantize(
+    data: torch.Tensor, state, dtype: torch.dtype | None = None, out: torch.Tensor | None = None, isa: str | None = None
+) -> torch.Tensor:
+    """The 4-bit weight `(data, state)` (`dequantizes(state)`) dense in `state.shape`: the values bitsandbytes'
+    `dequantize_4bit` returns, converted to `dtype` (default `state.dtype`; `out`'s if given, written there), equal
+    to the bit. Fast (one 16-entry table per block) where bitsandbytes' CPU dequantization is not."""
+    library = load(isa or native_isa())
+    blocksize, code, scales = _scale_arguments(state)
+    if out is None or not out.is_contiguous() or out.dtype not in _DTYPES or out.numel() != state.shape.numel():
+        target = torch.empty(state.shape, dtype=(out.dtype if out is not None else dtype) or state.dtype)
+    else:
+        target = out
+    data = data.contiguous()
+    library.dequantize_4bit(
+        data.data_ptr(), target.numel(), blocksize, code, _DTYPES[state.dtype], *scales, target.data_ptr(),
+        _DTYPES[target.dtype], torch.get_num_threads(),
+    )
+    if out is not None and target is not out:
+        return out.copy_(target.view(out.shape))
+    return target if out is None else out

@@ -25,6 +25,8 @@ converted; attention, shared experts and dense MLPs are bnb `Linear4bit` / `Line
 import copy
 import ctypes
 import functools
+import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,6 +43,7 @@ from transformers.utils import is_bitsandbytes_available
 
 from . import bnb_cpu_quantize, cpu_4bit_kernel
 from .configuration_deepseekmoe import DeepseekMoEConfig
+from .experts_kernels import _UPCAST_MIN_ROWS, _emulates_low_precision_matmul
 from .modeling_deepseekmoe import DeepseekMoEExperts, DeepseekMoEGate, DeepseekMoESparseMoeBlock
 
 
@@ -180,9 +183,11 @@ def is_quantized_weight(weight: torch.Tensor) -> bool:
 #
 # On CPUs without that packed kernel (AVX2, AVX512 without BF16), bitsandbytes dequantizes the whole matrix for every
 # call, also for the one row of a decode step. There, calls of up to `CPU_KERNEL_MAX_ROWS` rows run the project's own
-# kernel (`cpu_4bit_kernel`), which reads the 4-bit codes in the plain layout: 2.5-9x faster than dequantize + matmul
-# at 1 row, about 2x at 4, slower from 16 (benchmarks/results/cpu_4bit_kernel.md); longer calls keep dequantize +
-# matmul. Where the packed kernel exists it stays: equal at 1 row, faster at more, and one layout per weight.
+# kernel (`cpu_4bit_kernel`), which reads the 4-bit codes in the plain layout; longer calls dequantize with the
+# project's kernel (into reused memory) and run a GEMM. The crossover, at the released shapes on 2 threads: 12-16 rows
+# on AVX2 (benchmarks/results/cpu_4bit_kernel_avx2.md), 4 on AVX512-BF16 (cpu_4bit_kernel.md, with bitsandbytes'
+# dequantization then); AVX512 without BF16 is not measured and takes 4. Where the packed kernel exists it stays:
+# equal at 1 row, faster at more, and one layout per weight.
 
 _PACKED_LAYOUT_ROW_TILE = 32  # `_convert_weight_packed_for_cpu`'s block_n
 _PACKED_KERNEL_FUNCTIONS = (
@@ -193,7 +198,7 @@ _PACKED_KERNEL_FUNCTIONS = (
 PACKED_KERNEL_PATH = "bitsandbytes packed AVX512-BF16 kernel"
 DEQUANTIZE_KERNEL_PATH = "dequantize + matmul"
 OWN_KERNEL_PATH = "deepseekmoe 4-bit kernel"
-CPU_KERNEL_MAX_ROWS = 4
+CPU_KERNEL_MAX_ROWS = 12 if cpu_4bit_kernel.native_isa() == "avx2" else 4
 
 
 def own_4bit_cpu_kernel_available() -> bool:
@@ -317,10 +322,19 @@ def _configure_linear4bit(module: nn.Module, packed: bool, own: bool = False) ->
         module.__class__ = Linear4bitExactCpuDequantize
 
 
-def _dequantize_4bit(data: torch.Tensor, state) -> torch.Tensor:
+def _dequantize_4bit(data: torch.Tensor, state, dtype: torch.dtype | None = None, out: torch.Tensor | None = None):
+    """The dense value in `dtype` (or written into `out`): on CPU with the project's kernel where it is built
+    (bit-equal to bitsandbytes, 6-12x faster than its CPU dequantization), else bitsandbytes' (or torch ops where
+    bitsandbytes' is wrong)."""
+    if data.device.type == "cpu" and cpu_4bit_kernel.dequantizes(state) and cpu_4bit_kernel.available():
+        return cpu_4bit_kernel.dequantize(data, state, dtype, out)
     if data.device.type == "cpu" and not _bnb_dequantizes_exactly(state):
-        return _dequantize_4bit_with_torch(data, state)
-    return dequantize_4bit(data, state)
+        dense = _dequantize_4bit_with_torch(data, state)
+    else:
+        dense = dequantize_4bit(data, state)
+    if out is not None:
+        return out.copy_(dense)
+    return dense if dtype is None else dense.to(dtype)
 
 
 def _bnb_dequantizes_exactly(state) -> bool:
@@ -404,9 +418,11 @@ if is_bitsandbytes_available():
 
     class Linear4bitExactCpuDequantize(bnb.nn.Linear4bit):
         """A `Linear4bit` whose CPU forward runs the project's 4-bit kernel for short inference calls where
-        `configure_4bit_cpu_kernels` chose it (`own_kernel`), and otherwise dequantizes its weight with torch ops
-        (then `F.linear` in the compute dtype): bitsandbytes' AVX512 `dequantize_4bit` gets shapes with in_features
-        not a multiple of the block size wrong. On other devices it is bitsandbytes' own forward."""
+        `configure_4bit_cpu_kernels` chose it (`own_kernel`). Longer inference calls dequantize with the project's
+        kernel (bitsandbytes' CPU dequantization is 6-12x slower, and its AVX512 one gets shapes with in_features
+        not a multiple of the block size wrong) and run `F.linear` in the compute dtype, as fp32 GEMMs where the CPU
+        emulates that dtype's. Calls that need the input's gradient keep bitsandbytes' forward where it is right (it
+        keeps the 4-bit weight for the backward, not the dense one). On other devices it is bitsandbytes' forward."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.device.type != "cpu":
@@ -418,10 +434,48 @@ if is_bitsandbytes_available():
             if getattr(self, "own_kernel", False) and _own_kernel_call(x):
                 output = cpu_4bit_kernel.matmul(x.to(dtype), self.weight.data, self.weight.quant_state)
                 return (output if self.bias is None else output + self.bias.to(dtype)).to(x.dtype)
-            if _bnb_dequantizes_exactly(self.weight.quant_state):
-                return super().forward(x)
+            needs_grad = torch.is_grad_enabled() and x.requires_grad
+            fast_dequantize = cpu_4bit_kernel.dequantizes(self.weight.quant_state) and cpu_4bit_kernel.available()
+            if _bnb_dequantizes_exactly(self.weight.quant_state) and (needs_grad or not fast_dequantize):
+                return super().forward(x)  # keeps the 4-bit weight, not the dense one, for the backward
             bias = None if self.bias is None else self.bias.to(dtype)
-            return F.linear(x.to(dtype), dequantize_weight(self.weight, dtype), bias).to(x.dtype)
+            if needs_grad:
+                return F.linear(x.to(dtype), dequantize_weight(self.weight, dtype), bias).to(x.dtype)
+            return _dequantized_linear(x.to(dtype), self.weight, bias).to(x.dtype)
+
+
+_scratch = threading.local()
+
+
+def inference_scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A reused, uninitialised CPU tensor for the dense weights of an inference call (one per name, dtype and
+    thread; it grows to the largest request and is kept). Each large allocation is freshly mapped memory, and on
+    the machines measured touching its pages cost more than dequantizing into them (a 1408x2048 bf16 projection:
+    ~2 ms of page faults, 0.2 ms of dequantization), so the 32-token forward of the 4-bit 16B spent most of its time
+    in page faults. Never for calls whose autograd graph could keep the tensor."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    numel = math.prod(shape)
+    buffer = buffers.get((name, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop((name, dtype), None)
+        buffer = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
+
+
+def _dequantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T (+ bias)` in x's dtype for an inference call on CPU, the quantized weight dequantized into the thread's
+    scratch; as an fp32 GEMM where the CPU emulates that dtype's GEMMs (the same products summed in fp32, rounded
+    once: faster from `_UPCAST_MIN_ROWS` rows)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    upcast = _emulates_low_precision_matmul(x.dtype) and rows >= _UPCAST_MIN_ROWS
+    dtype = torch.float32 if upcast else x.dtype
+    shape = weight.quant_state.shape if isinstance(weight, bnb.nn.Params4bit) else weight.shape
+    dense = dequantize_weight(weight, out=inference_scratch("linear", tuple(shape), dtype))
+    if not upcast:
+        return F.linear(x, dense, bias)
+    return F.linear(x.float(), dense, None if bias is None else bias.float()).to(x.dtype)
 
 
 def dequantize_weight(
@@ -440,7 +494,7 @@ def dequantize_weight(
         data, quant_state = _plain_4bit(weight) if is_packed_for_cpu(weight) else (weight.data, weight.quant_state)
         if out is not None and out.dtype == quant_state.dtype and out.device.type != "cpu":
             return dequantize_4bit(data, quant_state, out=out)  # bitsandbytes has no CPU kernel for `out=`
-        dense = _dequantize_4bit(data, quant_state)
+        return _dequantize_4bit(data, quant_state, dtype, out)
     else:
         scale = weight.SCB if weight.SCB is not None else int8_scale
         if scale is None:
@@ -474,11 +528,11 @@ class DeepseekMoEExpertWeight(nn.Module):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ weight.T` for an inference call on CPU: through bitsandbytes' packed kernel where this projection
         takes it (packing the weight on first use), or the own kernel for a few rows, else with the weight
-        dequantized in `x`'s dtype."""
+        dequantized (`_dequantized_linear`)."""
         if self.own_kernel and _own_kernel_call(x):
             return cpu_4bit_kernel.matmul(x, self.weight.data, self.weight.quant_state)
         if not self.packed_kernel:
-            return F.linear(x, self.dequantize(x.dtype))
+            return _dequantized_linear(x, self.weight)
         if not is_packed_for_cpu(self.weight):
             _pack_for_cpu(self.weight)
         return bnb.matmul_4bit(x, self.weight, self.weight.quant_state)
@@ -570,14 +624,20 @@ class DeepseekMoEQuantizedExperts(nn.Module):
         return self.expert(0).gate.weight.device
 
     def dequantize(
-        self, experts: list[int] | None = None, dtype: torch.dtype | None = None
+        self, experts: list[int] | None = None, dtype: torch.dtype | None = None, scratch: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense `(gate_up_proj [E, 2I, H], down_proj [E, H, I])`. With `experts`, only those rows are written (the
-        others are left uninitialised, and never read by the hit-only implementations)."""
+        others are left uninitialised, and never read by the hit-only implementations). `scratch`: into the
+        thread's reused CPU buffers (`inference_scratch`), for an inference call that lets them go when it returns."""
         dtype = dtype or self.compute_dtype or torch.get_default_dtype()
         width = self.intermediate_dim
-        gate_up_proj = torch.empty(self.num_experts, 2 * width, self.hidden_dim, dtype=dtype, device=self.device)
-        down_proj = torch.empty(self.num_experts, self.hidden_dim, width, dtype=dtype, device=self.device)
+        shapes = (self.num_experts, 2 * width, self.hidden_dim), (self.num_experts, self.hidden_dim, width)
+        if scratch and self.device.type == "cpu":
+            gate_up_proj = inference_scratch("experts.gate_up_proj", shapes[0], dtype)
+            down_proj = inference_scratch("experts.down_proj", shapes[1], dtype)
+        else:
+            gate_up_proj = torch.empty(shapes[0], dtype=dtype, device=self.device)
+            down_proj = torch.empty(shapes[1], dtype=dtype, device=self.device)
         for index in range(self.num_experts) if experts is None else experts:
             self._dequantize_expert_into(index, gate_up_proj[index], down_proj[index])
         return gate_up_proj, down_proj
@@ -610,19 +670,20 @@ class DeepseekMoEQuantizedExperts(nn.Module):
     ) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
         inference = not needs_grad and not self.training and hidden_states.device.type == "cpu"
-        kernels = self.packed_kernels or (self.own_kernels and hidden_states.shape[0] <= CPU_KERNEL_MAX_ROWS)
+        kernels = self.packed_kernels or self.own_kernels
         if kernels and inference and self.config._experts_implementation in HIT_ONLY_IMPLEMENTATIONS:
-            return self._packed_forward(hidden_states, top_k_index, top_k_weights)
+            return self._per_expert_forward(hidden_states, top_k_index, top_k_weights)
         self._unpack()
         if needs_grad:
             # The dense weights are 3.5x (4-bit) the stored ones: recompute them in the backward, don't keep them.
             return checkpoint(self._dense_forward, hidden_states, top_k_index, top_k_weights, use_reentrant=False)
-        return self._dense_forward(hidden_states, top_k_index, top_k_weights)
+        return self._dense_forward(hidden_states, top_k_index, top_k_weights, scratch=True)
 
-    def _packed_forward(self, hidden_states, top_k_index, top_k_weights):
+    def _per_expert_forward(self, hidden_states, top_k_index, top_k_weights):
         """Inference on CPU with bitsandbytes' packed kernel or the own one (`DeepseekMoEExpertWeight.linear`): the
         per-expert loop of the eager implementation over the experts hit, without dequantizing the projections a
-        kernel takes."""
+        kernel takes. An expert that gets few tokens (most of them in a prefill: 6 of 64 experts per token) takes
+        the own kernel, the others are dequantized one at a time into reused memory."""
         newly_packed, self._packed = not self._packed, True
         dtype = self.compute_dtype or hidden_states.dtype
         output = torch.zeros_like(hidden_states)
@@ -650,12 +711,12 @@ class DeepseekMoEQuantizedExperts(nn.Module):
         self._packed = False  # each projection unpacks itself for saving
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _dense_forward(self, hidden_states, top_k_index, top_k_weights):
+    def _dense_forward(self, hidden_states, top_k_index, top_k_weights, scratch=False):
         implementation = self.config._experts_implementation
         experts = None
         if hidden_states.device.type == "cpu" and implementation in HIT_ONLY_IMPLEMENTATIONS:
             experts = torch.unique(top_k_index).tolist()
-        gate_up_proj, down_proj = self.dequantize(experts)
+        gate_up_proj, down_proj = self.dequantize(experts, scratch=scratch)
         experts_forward = ALL_EXPERTS_FUNCTIONS.get_interface(implementation, _EAGER_EXPERTS_FORWARD)
         dense_view = _DenseExpertsView(self, gate_up_proj, down_proj)
         return experts_forward(dense_view, hidden_states, top_k_index, top_k_weights)

@@ -3,6 +3,8 @@ CPU at hand runs (portable C always; AVX2, AVX512, AVX512-BF16 where the CPU has
 dequantized weight, its build is cached and atomic, a machine without a compiler falls back, and the model's 4-bit
 layers call it for short inference calls only."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,46 @@ def test_every_variant_equals_the_product_with_the_dequantized_weight(isa, quant
                     bnb.nn.Params4bit(data, quant_state=state, bnb_quantized=True), torch.float32)),
                 rtol=1e-5, atol=1e-5,
             )  # fmt: skip
+
+
+@needs_compiler
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_changed_quant_state_is_read_again(nested):
+    # The kernel keeps each state's C arguments: a copy of a state whose scales were then replaced must not be computed
+    # with the original's.
+    data, state = _quantized(32, 128, torch.bfloat16, "nf4", nested)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    first = cpu_4bit_kernel.matmul(x, data, state).float()
+    copied = copy.deepcopy(state)
+    if nested:
+        copied.state2.absmax = copied.state2.absmax * 2
+    else:
+        copied.absmax = copied.absmax * 2
+    dense = quantization.dequantize_weight(bnb.nn.Params4bit(data, quant_state=copied, bnb_quantized=True), x.dtype)
+    expected = F.linear(x.float(), dense.float())
+    torch.testing.assert_close(cpu_4bit_kernel.matmul(x, data, copied).float(), expected, rtol=8e-3, atol=1e-2)
+    assert not torch.allclose(expected, first, rtol=0.1)
+    torch.testing.assert_close(cpu_4bit_kernel.matmul(x, data, state).float(), first, rtol=0, atol=0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("nf4", True), ("fp4", False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_variant_dequantizes_to_the_bit(isa, quant_type, nested, dtype):
+    # Blocks within rows (the byte-table pass on AVX2), spanning rows, a last block cut short, an odd element count.
+    for shape, blocksize in [((48, 192), 64), ((16, 256), 128), ((6, 96), 64), ((5, 99), 32), ((3, 4), 64)]:
+        data, state = _quantized(*shape, dtype, quant_type, nested, blocksize)
+        assert cpu_4bit_kernel.dequantizes(state)
+        expected = quantization._dequantize_4bit_with_torch(data, state)  # bitsandbytes' format, in torch ops
+        for out_dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+            dense = cpu_4bit_kernel.dequantize(data, state, out_dtype, isa=isa)
+            reference = expected if out_dtype is None else expected.to(out_dtype)
+            assert dense.dtype == reference.dtype and dense.shape == shape
+            assert torch.equal(dense.view(torch.uint8), reference.view(torch.uint8)), (shape, out_dtype)
+        out = torch.empty(2, *shape, dtype=torch.bfloat16)[1]  # a contiguous slice, as an expert's rows
+        assert cpu_4bit_kernel.dequantize(data, state, out=out, isa=isa) is out
+        assert torch.equal(out.view(torch.uint8), expected.to(torch.bfloat16).view(torch.uint8))
 
 
 def test_fits_only_blocks_within_rows():

@@ -7,7 +7,10 @@
  *
  * Each block's 16 dequantized values, code[c] * absmax rounded to the weight's dtype (bf16 / fp16 / fp32), form a
  * 16-entry table, so the product with x reads only the 4-bit codes: the same values the dequantized weight holds,
- * multiplied and summed in fp32. Rows are split over OpenMP threads (the runtime torch itself loads).
+ * multiplied and summed in fp32. x and y are fp32, bf16 or fp16 (y rounded once from the fp32 sums). Rows are split
+ * over OpenMP threads (the runtime torch itself loads). Where the table holds bf16 values, AVX512-BF16 looks it up 32
+ * codes at a time (vpermw) and multiplies in bf16 pairs (vdpbf16ps); AVX2 splits it into two 16-entry byte tables
+ * that vpshufb looks up 32 codes at a time.
  *
  * Built at first use by `modeling_deepseekmoe/cpu_4bit_kernel.py` for the CPU's vector ISA (AVX512F, AVX2 + FMA,
  * or portable C), chosen there. Compiled with -ffp-contract=off: the scale arithmetic is bitsandbytes' exactly.
@@ -63,14 +66,66 @@ static int64_t thread_parts(int64_t N, int threads) {
     return parts < 1 ? 1 : parts;
 }
 
-/* x [M, K] split into its even and odd columns, [M, K/2] each: the order the high and low nibbles come in. */
-static void split_columns(const float *x, int64_t M, int64_t K, float *even, float *odd) {
-    int64_t half = K / 2;
+#define DTYPE_FP32 0
+#define DTYPE_BF16 1
+#define DTYPE_FP16 2
+
+static inline float load_value(const void *x, int dtype, int64_t i) {
+    if (dtype == DTYPE_BF16) {
+        const uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+        float value;
+        memcpy(&value, &bits, 4);
+        return value;
+    }
+    if (dtype == DTYPE_FP16) return (float)((const _Float16 *)x)[i];
+    return ((const float *)x)[i];
+}
+
+/* An fp32 value's bits in bf16 / fp16 (DTYPE_BF16 / DTYPE_FP16), rounded to nearest even, a NaN kept a (quiet)
+ * NaN: as torch converts. */
+static inline uint16_t half_bits(float value, int dtype) {
+    if (dtype == DTYPE_FP16) {
+        const _Float16 half = (_Float16)value;
+        uint16_t bits;
+        memcpy(&bits, &half, 2);
+        return bits;
+    }
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        bits |= 0x00400000u;
+    } else {
+        bits += 0x7fffu + ((bits >> 16) & 1u);
+    }
+    return (uint16_t)(bits >> 16);
+}
+
+static void store_values(const float *values, int64_t count, int dtype, void *y) {
+    for (int64_t i = 0; i < count; i++) {
+        if (dtype == DTYPE_FP32) {
+            ((float *)y)[i] = values[i];
+        } else {
+            ((uint16_t *)y)[i] = half_bits(values[i], dtype);
+        }
+    }
+}
+
+/* Byte position (0-31) of a 32-byte run whose value the byte-table pass unpacks into slot q (0-31) of its four
+ * vectors of 8: unpacking bytes into words and words into fp32 interleaves the two 128-bit lanes 4 values at a time. */
+static inline int64_t interleaved_position(int64_t q) {
+    const int64_t vector = q / 8, i = q % 8;
+    return i < 4 ? 4 * vector + i : 16 + 4 * vector + (i - 4);
+}
+
+/* x [M, K] in fp32, split into its even and odd columns, [M, K/2] each: the order the high and low nibbles come in;
+ * `interleaved`: within each run of 32 bytes, in the order the byte-table pass unpacks its values. */
+static void split_columns(const void *x, int dtype, int64_t M, int64_t K, int interleaved, float *even, float *odd) {
+    const int64_t half = K / 2;
     for (int64_t m = 0; m < M; m++) {
-        const float *row = x + m * K;
         for (int64_t j = 0; j < half; j++) {
-            even[m * half + j] = row[2 * j];
-            odd[m * half + j] = row[2 * j + 1];
+            const int64_t p = interleaved ? (j & ~(int64_t)31) + interleaved_position(j & 31) : j;
+            even[m * half + j] = load_value(x, dtype, m * K + 2 * p);
+            odd[m * half + j] = load_value(x, dtype, m * K + 2 * p + 1);
         }
     }
 }
@@ -210,6 +265,137 @@ static void rows_kernel(const uint8_t *w, const scales_t *s, const float *code, 
     }
 }
 
+/* bf16 mode with blocksize % 64 == 0: each table value is a bf16, whose two bytes fit two 16-entry byte tables
+ * that vpshufb looks up 32 codes at a time (half the shuffles of `lookup`). Unpacking the byte pairs into fp32 puts
+ * the values of a 32-byte run in the order of `interleaved_position`, the order x is stored in for this pass. */
+static inline __m256i bf16_rounded_bits(__m256 value, float scale) {
+    if (scale != scale) return _mm256_castps_si256(round_vector(value, ROUND_BF16)); /* keeps a NaN a NaN */
+    /* Finite or infinite scales: round to nearest even without the NaN check (the low 16 bits are ignored). */
+    const __m256i bits = _mm256_castps_si256(value);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+}
+
+static inline void bf16_byte_tables(__m256 code_low, __m256 code_high, float scale, __m256i *low_bytes,
+                                    __m256i *high_bytes) {
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256i a = bf16_rounded_bits(_mm256_mul_ps(code_low, s), scale);   /* values 0-7 */
+    const __m256i b = bf16_rounded_bits(_mm256_mul_ps(code_high, s), scale);  /* values 8-15 */
+    /* Bytes 2 (low) and 3 (high) of each value: per lane, dword 0 / 1 the low / high bytes of a's 4 values, dword
+     * 2 / 3 those of b's; gathering dwords 0, 4, 2, 6 orders the low bytes of values 0-15, dwords 1, 5, 3, 7 the high. */
+    const __m256i from_a = _mm256_setr_epi8(2, 6, 10, 14, 3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 6, 10, 14, 3,
+                                            7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i from_b = _mm256_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, 2, 6, 10, 14, 3, 7, 11, 15, -1, -1, -1, -1,
+                                            -1, -1, -1, -1, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i bytes = _mm256_or_si256(_mm256_shuffle_epi8(a, from_a), _mm256_shuffle_epi8(b, from_b));
+    *low_bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 2, 6, 0, 4, 2, 6));
+    *high_bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(1, 5, 3, 7, 1, 5, 3, 7));
+}
+
+static inline __attribute__((always_inline)) void expand_bf16(__m256i index, __m256i low_bytes, __m256i high_bytes,
+                                                              __m256 out[4]) {
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256i low = _mm256_shuffle_epi8(low_bytes, index), high = _mm256_shuffle_epi8(high_bytes, index);
+    const __m256i first = _mm256_unpacklo_epi8(low, high), second = _mm256_unpackhi_epi8(low, high);
+    out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, first));
+    out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, first));
+    out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, second));
+    out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, second));
+}
+
+/* R rows (1 or 2): one accumulator per unpacked vector and nibble for one row, the nibbles sharing them for two. */
+static inline __attribute__((always_inline)) void row_pass_byte_tables(const uint8_t *row, const scales_t *s,
+                                                                __m256 code_low, __m256 code_high, int64_t blocksize,
+                                                                int64_t blocks_per_row, int64_t first_block,
+                                                                const float *even, const float *odd, int64_t half,
+                                                                int R, float *out, int64_t out_stride) {
+    const __m256i low_mask = _mm256_set1_epi8(0xf);
+    __m256 acc[2][4], acc2[4];
+    for (int k = 0; k < 4; k++) acc[0][k] = acc[1][k] = acc2[k] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_row; b++) {
+        __m256i low_bytes, high_bytes;
+        bf16_byte_tables(code_low, code_high, block_scale(s, first_block + b), &low_bytes, &high_bytes);
+        for (int64_t j = b * (blocksize / 2); j < (b + 1) * (blocksize / 2); j += 32) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(row + j));
+            __m256 high[4], low[4];
+            expand_bf16(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask), low_bytes, high_bytes, high);
+            expand_bf16(_mm256_and_si256(bytes, low_mask), low_bytes, high_bytes, low);
+            if (R == 1) {
+                for (int k = 0; k < 4; k++) {
+                    acc[0][k] = _mm256_fmadd_ps(high[k], _mm256_loadu_ps(even + j + 8 * k), acc[0][k]);
+                    acc2[k] = _mm256_fmadd_ps(low[k], _mm256_loadu_ps(odd + j + 8 * k), acc2[k]);
+                }
+            } else {
+                for (int r = 0; r < R; r++) {
+                    for (int k = 0; k < 4; k++) {
+                        acc[r][k] = _mm256_fmadd_ps(high[k], _mm256_loadu_ps(even + r * half + j + 8 * k), acc[r][k]);
+                        acc[r][k] = _mm256_fmadd_ps(low[k], _mm256_loadu_ps(odd + r * half + j + 8 * k), acc[r][k]);
+                    }
+                }
+            }
+        }
+    }
+    if (R == 1) {
+        for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], acc2[k]);
+    }
+    for (int r = 0; r < R; r++) {
+        const __m256 sum8 = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
+        __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
+        sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+        sum4 = _mm_add_ss(sum4, _mm_movehdup_ps(sum4));
+        out[r * out_stride] = _mm_cvtss_f32(sum4);
+    }
+}
+
+static void rows_kernel_byte_tables(const uint8_t *w, const scales_t *s, const float *code, int64_t blocksize,
+                             const float *even, const float *odd, int64_t M, int64_t K, int64_t N, int64_t n0,
+                             int64_t n1, float *y) {
+    const __m256 code_low = _mm256_loadu_ps(code), code_high = _mm256_loadu_ps(code + 8);
+    const int64_t half = K / 2, blocks_per_row = K / blocksize;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * half;
+        int64_t m = 0;
+#define PASS(R)                                                                                                     \
+    row_pass_byte_tables(row, s, code_low, code_high, blocksize, blocks_per_row, n * blocks_per_row,                \
+                         even + m * half, odd + m * half, half, R, y + m * N + n, N)
+        for (; m + 2 <= M; m += 2) PASS(2);
+        if (m < M) { PASS(1); m += 1; }
+#undef PASS
+    }
+}
+
+#define HAS_BYTE_TABLES 1
+
+/* Dequantizing a whole block of bf16-rounded values (mode ROUND_BF16, blocksize % 32 == 0) into bf16 or fp32 with
+ * the byte tables, 32 codes per step. */
+static void dequantize_block_byte_tables(const uint8_t *w, int64_t start, int64_t end, const float *code,
+                                         float scale, int dtype, void *out) {
+    __m256i low_bytes, high_bytes;
+    bf16_byte_tables(_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8), scale, &low_bytes, &high_bytes);
+    const __m128i low_table = _mm256_castsi256_si128(low_bytes), high_table = _mm256_castsi256_si128(high_bytes);
+    const __m128i mask = _mm_set1_epi8(0xf), zero = _mm_setzero_si128();
+    for (int64_t j = start / 2; j < end / 2; j += 16) {
+        const __m128i bytes = _mm_loadu_si128((const __m128i *)(w + j));
+        const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask), low = _mm_and_si128(bytes, mask);
+        const __m128i codes[2] = {_mm_unpacklo_epi8(high, low), _mm_unpackhi_epi8(high, low)}; /* element order */
+        __m128i words[4];
+        for (int h = 0; h < 2; h++) {
+            const __m128i l = _mm_shuffle_epi8(low_table, codes[h]), u = _mm_shuffle_epi8(high_table, codes[h]);
+            words[2 * h] = _mm_unpacklo_epi8(l, u);
+            words[2 * h + 1] = _mm_unpackhi_epi8(l, u);
+        }
+        for (int k = 0; k < 4; k++) {
+            if (dtype == DTYPE_BF16) {
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + 2 * j + 8 * k), words[k]);
+            } else {
+                float *o = (float *)out + 2 * j + 8 * k;
+                _mm_storeu_si128((__m128i *)o, _mm_unpacklo_epi16(zero, words[k]));
+                _mm_storeu_si128((__m128i *)(o + 4), _mm_unpackhi_epi16(zero, words[k]));
+            }
+        }
+    }
+}
+
 #else
 
 static void rows_kernel(const uint8_t *w, const scales_t *s, const float *code, int mode, int64_t blocksize,
@@ -284,55 +470,128 @@ static void rows_kernel_bf16(const uint8_t *w, const scales_t *s, const float *c
 }
 #endif
 
-/* y [M, N] fp32 = x [M, K] (bf16 bits) times the weight dequantized in bf16; returns 0, 1 when the scratch memory
- * could not be allocated, 2 when this build has no bf16 kernel (the caller then uses gemv_4bit). */
-int gemv_4bit_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t N, const uint8_t *w, int64_t blocksize,
-                   const float *code, const float *absmax, const uint8_t *qabsmax, const float *code2,
-                   const float *absmax2, int64_t blocksize2, float offset, float *y, int threads) {
-#if defined(GEMV4_AVX512_BF16)
-    scales_t s = {absmax, qabsmax, code2, absmax2, blocksize2, offset, qabsmax != NULL};
-    const int64_t half = K / 2;
-    uint16_t *even = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(M * K));
-    if (even == NULL) return 1;
-    uint16_t *odd = even + M * half;
-    for (int64_t m = 0; m < M; m++) {
-        for (int64_t j = 0; j < half; j++) {
-            even[m * half + j] = x[m * K + 2 * j];
-            odd[m * half + j] = x[m * K + 2 * j + 1];
-        }
-    }
-    const int64_t parts = thread_parts(N, threads);
-#pragma omp parallel for num_threads(parts) schedule(static)
-    for (int64_t part = 0; part < parts; part++) {
-        const int64_t n0 = N * part / parts, n1 = N * (part + 1) / parts;
-        rows_kernel_bf16(w, &s, code, blocksize, even, odd, M, K, N, n0, n1, y);
-    }
-    free(even);
-    return 0;
+/* One block's 16 dequantized values, code[c] * scale rounded to `mode`. */
+static inline void block_table(const float *code, float scale, int mode, float table[16]) {
+#if defined(GEMV4_AVX512) || defined(GEMV4_AVX512_BF16)
+    _mm512_storeu_ps(table, round_vector(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale)), mode));
+#elif defined(GEMV4_AVX2)
+    const __m256 s = _mm256_set1_ps(scale);
+    _mm256_storeu_ps(table, round_vector(_mm256_mul_ps(_mm256_loadu_ps(code), s), mode));
+    _mm256_storeu_ps(table + 8, round_vector(_mm256_mul_ps(_mm256_loadu_ps(code + 8), s), mode));
 #else
-    (void)x; (void)M; (void)K; (void)N; (void)w; (void)blocksize; (void)code; (void)absmax; (void)qabsmax;
-    (void)code2; (void)absmax2; (void)blocksize2; (void)offset; (void)y; (void)threads;
-    return 2;
+    for (int c = 0; c < 16; c++) table[c] = round_scalar(code[c] * scale, mode);
 #endif
 }
 
-/* The entry point (ctypes): returns 0, or 1 when the scratch memory could not be allocated. */
-int gemv_4bit(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *w, int64_t blocksize,
-              const float *code, int mode, const float *absmax, const uint8_t *qabsmax, const float *code2,
-              const float *absmax2, int64_t blocksize2, float offset, float *y, int threads) {
+/* out = the 4-bit weight's `count` values dequantized, in `dtype` (DTYPE_*): code[c] * absmax rounded to `mode` (the
+ * quant state's dtype, as bitsandbytes' dequantize_4bit returns it), then converted to `dtype` as torch converts.
+ * Blocks run over the flattened weight, so they may span rows. Returns 0. */
+int dequantize_4bit(const uint8_t *w, int64_t count, int64_t blocksize, const float *code, int mode,
+                    const float *absmax, const uint8_t *qabsmax, const float *code2, const float *absmax2,
+                    int64_t blocksize2, float offset, void *out, int dtype, int threads) {
     scales_t s = {absmax, qabsmax, code2, absmax2, blocksize2, offset, qabsmax != NULL};
-    float *even = (float *)malloc(sizeof(float) * (size_t)(M * K));
-    if (even == NULL) return 1;
-    float *odd = even + M * (K / 2);
-    split_columns(x, M, K, even, odd);
-    const int64_t parts = thread_parts(N, threads);
+    const int64_t blocks = (count + blocksize - 1) / blocksize, parts = thread_parts(blocks, threads);
 #pragma omp parallel for num_threads(parts) schedule(static)
     for (int64_t part = 0; part < parts; part++) {
-        const int64_t n0 = N * part / parts, n1 = N * (part + 1) / parts;
-        rows_kernel(w, &s, code, mode, blocksize, even, odd, M, K, N, n0, n1, y);
+        float table[16];
+        uint16_t half_table[16];
+        for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; b++) {
+            const float scale = block_scale(&s, b);
+            const int64_t start = b * blocksize, end = start + blocksize < count ? start + blocksize : count;
+#if defined(HAS_BYTE_TABLES)
+            if (mode == ROUND_BF16 && (dtype == DTYPE_BF16 || dtype == DTYPE_FP32) && end - start == blocksize &&
+                blocksize % 32 == 0) {
+                dequantize_block_byte_tables(w, start, end, code, scale, dtype, out);
+                continue;
+            }
+#endif
+            block_table(code, scale, mode, table);
+            if (dtype == DTYPE_FP32) {
+                float *o = (float *)out;
+                for (int64_t i = start; i + 1 < end; i += 2) {
+                    o[i] = table[w[i / 2] >> 4];
+                    o[i + 1] = table[w[i / 2] & 0xf];
+                }
+                if ((end - start) % 2) o[end - 1] = table[w[(end - 1) / 2] >> 4];
+            } else {
+                for (int c = 0; c < 16; c++) half_table[c] = half_bits(table[c], dtype);
+                uint16_t *o = (uint16_t *)out;
+                for (int64_t i = start; i + 1 < end; i += 2) {
+                    o[i] = half_table[w[i / 2] >> 4];
+                    o[i + 1] = half_table[w[i / 2] & 0xf];
+                }
+                if ((end - start) % 2) o[end - 1] = half_table[w[(end - 1) / 2] >> 4];
+            }
+        }
     }
-    free(even);
     return 0;
+}
+
+/* The entry point (ctypes). y [M, N] = x [M, K] times W.T, x and y in `dtype` (DTYPE_*), the products summed in fp32
+ * and rounded once to `dtype`; `mode` (ROUND_*) is the dtype the dequantized weight is rounded to. Returns 0, or 1
+ * when the scratch memory could not be allocated. */
+int gemv_4bit(const void *x, int dtype, int64_t M, int64_t K, int64_t N, const uint8_t *w, int64_t blocksize,
+              const float *code, int mode, const float *absmax, const uint8_t *qabsmax, const float *code2,
+              const float *absmax2, int64_t blocksize2, float offset, void *y, int threads) {
+    scales_t s = {absmax, qabsmax, code2, absmax2, blocksize2, offset, qabsmax != NULL};
+    const int64_t half = K / 2, parts = thread_parts(N, threads);
+    float *out = dtype == DTYPE_FP32 ? (float *)y : (float *)malloc(sizeof(float) * (size_t)(M * N));
+    if (out == NULL) return 1;
+    int status = 0;
+#if defined(GEMV4_AVX512_BF16)
+    if (dtype == DTYPE_BF16 && mode == ROUND_BF16 && blocksize % 64 == 0) {
+        uint16_t *even = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(M * K));
+        if (even == NULL) {
+            status = 1;
+        } else {
+            uint16_t *odd = even + M * half;
+            const uint16_t *bits = (const uint16_t *)x;
+            for (int64_t m = 0; m < M; m++) {
+                for (int64_t j = 0; j < half; j++) {
+                    even[m * half + j] = bits[m * K + 2 * j];
+                    odd[m * half + j] = bits[m * K + 2 * j + 1];
+                }
+            }
+#pragma omp parallel for num_threads(parts) schedule(static)
+            for (int64_t part = 0; part < parts; part++) {
+                rows_kernel_bf16(w, &s, code, blocksize, even, odd, M, K, N, N * part / parts,
+                                 N * (part + 1) / parts, out);
+            }
+            free(even);
+        }
+    } else
+#endif
+    {
+        float *even = (float *)malloc(sizeof(float) * (size_t)(M * K));
+        if (even == NULL) {
+            status = 1;
+        } else {
+            float *odd = even + M * half;
+#if defined(HAS_BYTE_TABLES)
+            const int byte_tables = mode == ROUND_BF16 && blocksize % 64 == 0;
+#else
+            const int byte_tables = 0;
+#endif
+            split_columns(x, dtype, M, K, byte_tables, even, odd);
+#pragma omp parallel for num_threads(parts) schedule(static)
+            for (int64_t part = 0; part < parts; part++) {
+                const int64_t n0 = N * part / parts, n1 = N * (part + 1) / parts;
+#if defined(HAS_BYTE_TABLES)
+                if (byte_tables) {
+                    rows_kernel_byte_tables(w, &s, code, blocksize, even, odd, M, K, N, n0, n1, out);
+                    continue;
+                }
+#endif
+                rows_kernel(w, &s, code, mode, blocksize, even, odd, M, K, N, n0, n1, out);
+            }
+            free(even);
+        }
+    }
+    if (out != (float *)y) {
+        if (status == 0) store_values(out, M * N, dtype, y);
+        free(out);
+    }
+    return status;
 }
 
 /* Which variant this build is, for `deepseekmoe env` and the tests. */
