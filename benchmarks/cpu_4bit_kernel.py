@@ -6,7 +6,9 @@ Paths of one projection (nf4, bf16 compute, blocks of 64):
   an AVX512 CPU too, so an AVX512 machine measures the AVX2 variant as well);
 - `bnb packed`: bitsandbytes' packed AVX512-BF16 kernel (`Linear4bit` with `support_avx512bf16_for_cpu`), where the CPU
   has it;
-- `dequantize + matmul`: bitsandbytes' default CPU path (the whole matrix dequantized per call).
+- `dequantize + matmul`: bitsandbytes' default CPU path (the whole matrix dequantized per call);
+- `own dequantize + matmul`: the project's dequantization into reused memory, then a GEMM (an fp32 one from 8 rows
+  where the CPU emulates bf16 GEMMs), what longer calls run where the own kernel is built.
 
 The model decode (`--checkpoint_dir`, e.g. one written by `benchmarks/full_size.py --num_hidden_layers 3`) runs in a
 fresh process per configuration, chosen with the environment switches `DEEPSEEKMOE_BNB_PACKED_KERNEL`,
@@ -33,7 +35,7 @@ SHAPES = {"routed gate/up": (1408, 2048), "routed down": (2048, 1408), "shared g
           "attention q/k/v/o": (2048, 2048)}  # fmt: skip
 DECODE_CONFIGURATIONS = {
     "default": {},
-    "own kernel (AVX512 build), no packed kernel": {"DEEPSEEKMOE_BNB_PACKED_KERNEL": "0"},
+    "own kernel (native build), no packed kernel": {"DEEPSEEKMOE_BNB_PACKED_KERNEL": "0"},
     "own kernel (AVX2 build), no packed kernel": {"DEEPSEEKMOE_BNB_PACKED_KERNEL": "0", "ATEN_CPU_CAPABILITY": "avx2"},
     "dequantize + matmul only": {"DEEPSEEKMOE_BNB_PACKED_KERNEL": "0", "DEEPSEEKMOE_CPU_4BIT_KERNEL": "0"},
 }
@@ -85,6 +87,9 @@ def measure_projections(rows_list: list[int]) -> list[dict]:
                 if quantization.packed_4bit_cpu_kernel_available():
                     row["bnb packed"] = median_ms(lambda: linears[True](x))
                 row["dequantize + matmul"] = median_ms(lambda: linears[False](x))
+                if cpu_4bit_kernel.available():
+                    weight = linears[False].weight
+                    row["own dequantize + matmul"] = median_ms(lambda: quantization._dequantized_linear(x, weight))
             row["nf4 MB"] = data.numel() / 1e6
             results.append(row)
             print(row, flush=True)

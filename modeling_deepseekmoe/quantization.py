@@ -409,7 +409,9 @@ def describe_cpu_4bit_kernels() -> str:
         else:
             reason = cpu_4bit_kernel.unavailable_reason() or "the portable build is no faster"
             line = f"{DEQUANTIZE_KERNEL_PATH} ({why}; {OWN_KERNEL_PATH} unavailable: {reason})"
-    if not _bnb_cpu_dequantize_handles_blocks_across_rows():
+    if cpu_4bit_kernel.available():
+        line += f"; dequantization by the {OWN_KERNEL_PATH}"
+    elif not _bnb_cpu_dequantize_handles_blocks_across_rows():
         line += "; torch-op dequantization where in is not a multiple of the block size"
     return line
 

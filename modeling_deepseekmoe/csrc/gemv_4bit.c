@@ -111,10 +111,11 @@ static void store_values(const float *values, int64_t count, int dtype, void *y)
 }
 
 /* Byte position (0-31) of a 32-byte run whose value the byte-table pass unpacks into slot q (0-31) of its four
- * vectors of 8: unpacking bytes into words and words into fp32 interleaves the two 128-bit lanes 4 values at a time. */
+ * vectors of 8: unpacking bytes into words works per 128-bit lane, and the words become fp32 in place (even ones
+ * shifted up, odd ones masked), so a vector holds every other byte of one 8-byte run of each lane. */
 static inline int64_t interleaved_position(int64_t q) {
     const int64_t vector = q / 8, i = q % 8;
-    return i < 4 ? 4 * vector + i : 16 + 4 * vector + (i - 4);
+    return (vector >> 1) * 8 + (i >> 2) * 16 + 2 * (i & 3) + (vector & 1);
 }
 
 /* x [M, K] in fp32, split into its even and odd columns, [M, K/2] each: the order the high and low nibbles come in;
@@ -266,7 +267,7 @@ static void rows_kernel(const uint8_t *w, const scales_t *s, const float *code, 
 }
 
 /* bf16 mode with blocksize % 64 == 0: each table value is a bf16, whose two bytes fit two 16-entry byte tables
- * that vpshufb looks up 32 codes at a time (half the shuffles of `lookup`). Unpacking the byte pairs into fp32 puts
+ * that vpshufb looks up 32 codes at a time (half the shuffles of `lookup`). Turning the byte pairs into fp32 puts
  * the values of a 32-byte run in the order of `interleaved_position`, the order x is stored in for this pass. */
 static inline __m256i bf16_rounded_bits(__m256 value, float scale) {
     if (scale != scale) return _mm256_castps_si256(round_vector(value, ROUND_BF16)); /* keeps a NaN a NaN */
@@ -294,13 +295,13 @@ static inline void bf16_byte_tables(__m256 code_low, __m256 code_high, float sca
 
 static inline __attribute__((always_inline)) void expand_bf16(__m256i index, __m256i low_bytes, __m256i high_bytes,
                                                               __m256 out[4]) {
-    const __m256i zero = _mm256_setzero_si256();
+    const __m256i upper = _mm256_set1_epi32((int)0xffff0000u);
     const __m256i low = _mm256_shuffle_epi8(low_bytes, index), high = _mm256_shuffle_epi8(high_bytes, index);
     const __m256i first = _mm256_unpacklo_epi8(low, high), second = _mm256_unpackhi_epi8(low, high);
-    out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, first));
-    out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, first));
-    out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, second));
-    out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, second));
+    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(first, 16));
+    out[1] = _mm256_castsi256_ps(_mm256_and_si256(first, upper));
+    out[2] = _mm256_castsi256_ps(_mm256_slli_epi32(second, 16));
+    out[3] = _mm256_castsi256_ps(_mm256_and_si256(second, upper));
 }
 
 /* R rows (1 or 2): one accumulator per unpacked vector and nibble for one row, the nibbles sharing them for two. */
