@@ -324,7 +324,7 @@ def _configure_linear4bit(module: nn.Module, packed: bool, own: bool = False) ->
 
 def _dequantize_4bit(data: torch.Tensor, state, dtype: torch.dtype | None = None, out: torch.Tensor | None = None):
     """The dense value in `dtype` (or written into `out`): on CPU with the project's kernel where it is built
-    (bit-equal to bitsandbytes, 6-12x faster than its CPU dequantization), else bitsandbytes' (or torch ops where
+    (bit-equal to bitsandbytes, 12x faster than its CPU dequantization on AVX2), else bitsandbytes' (or torch ops where
     bitsandbytes' is wrong)."""
     if data.device.type == "cpu" and cpu_4bit_kernel.dequantizes(state) and cpu_4bit_kernel.available():
         return cpu_4bit_kernel.dequantize(data, state, dtype, out)
@@ -421,7 +421,7 @@ if is_bitsandbytes_available():
     class Linear4bitExactCpuDequantize(bnb.nn.Linear4bit):
         """A `Linear4bit` whose CPU forward runs the project's 4-bit kernel for short inference calls where
         `configure_4bit_cpu_kernels` chose it (`own_kernel`). Longer inference calls dequantize with the project's
-        kernel (bitsandbytes' CPU dequantization is 6-12x slower, and its AVX512 one gets shapes with in_features
+        kernel (bitsandbytes' CPU dequantization is 12x slower on AVX2, and its AVX512 one gets shapes with in_features
         not a multiple of the block size wrong) and run `F.linear` in the compute dtype, as fp32 GEMMs where the CPU
         emulates that dtype's. Calls that need the input's gradient keep bitsandbytes' forward where it is right (it
         keeps the 4-bit weight for the backward, not the dense one). On other devices it is bitsandbytes' forward."""
